@@ -1,0 +1,325 @@
+/* One AMQP connection with channel 1 open: opening, classifying failures, and reading
+ * frames without ever blocking, so one wait loop can serve many connections. */
+#define _POSIX_C_SOURCE 200809L
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include <amqp_tcp_socket.h>
+
+#include "rpc.h"
+
+#define DEFAULT_URL "amqp://guest:guest@localhost:5672/"
+
+static char *copy_string(const char *s) {
+  size_t n = strlen(s) + 1;
+  char *p = malloc(n);
+  if (p) memcpy(p, s, n);
+  return p;
+}
+
+static void set_where(struct rpc_conn *c) {
+  const char *vhost = strcmp(c->vhost, "/") == 0 ? "" : c->vhost;
+  size_t n = strlen(c->user) + strlen(c->host) + strlen(vhost) + 32;
+  c->where = malloc(n);
+  if (c->where) snprintf(c->where, n, "amqp://%s@%s:%d/%s", c->user, c->host, c->port, vhost);
+}
+
+/* The options table at idx gives url, heartbeat and connect_timeout. Raises on bad values;
+ * what it allocates is freed by conn_free, which the owner's __gc calls. */
+void conn_init(lua_State *L, struct rpc_conn *c, int idx) {
+  const char *env = getenv("RPC_URL");
+  const char *url = opts_string(L, idx, "url", env && *env ? env : DEFAULT_URL, NULL);
+  c->heartbeat = (int)opts_integer(L, idx, "heartbeat", RPC_DEFAULT_HEARTBEAT, 0, 3600);
+  c->connect_timeout =
+      opts_number(L, idx, "connect_timeout", RPC_DEFAULT_CONNECT_TIMEOUT, 0.001, RPC_MAX_TIMEOUT);
+
+  struct amqp_connection_info info;
+  char *scratch = copy_string(url);
+  if (!scratch) luaL_error(L, "not enough memory");
+  int bad = amqp_parse_url(scratch, &info) != AMQP_STATUS_OK;
+  if (!bad && !info.ssl) {
+    c->host = copy_string(info.host);
+    c->user = copy_string(info.user);
+    c->password = copy_string(info.password);
+    /* amqp://host/ names the vhost "" in the URI spec; users mean "/", as pika does */
+    c->vhost = copy_string(*info.vhost ? info.vhost : "/");
+    c->port = info.port;
+  }
+  int tls = !bad && info.ssl;
+  free(scratch);
+  if (bad) luaL_argerror(L, idx, "invalid url (expected amqp://user:password@host:port/vhost)");
+  if (tls) luaL_argerror(L, idx, "amqps:// urls are not supported yet");
+  if (!c->host || !c->user || !c->password || !c->vhost) luaL_error(L, "not enough memory");
+  set_where(c);
+  if (!c->where) luaL_error(L, "not enough memory");
+}
+
+/* Records why the connection can no longer be used and drops it: a 0.11 connection is never
+ * reused after a fatal status (RABBITMQ-C-NOTES.md, short list item 7). Returns -1. */
+int conn_lost(struct rpc_conn *c, const char *kind, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(c->error, sizeof c->error, fmt, ap);
+  va_end(ap);
+  c->error_kind = kind;
+  if (c->amqp) {
+    amqp_destroy_connection(c->amqp);
+    c->amqp = NULL;
+  }
+  conn_release_message(c);
+  return -1;
+}
+
+static const char *kind_of_code(int code) {
+  switch (code) {
+    case 403: /* ACCESS_REFUSED: login, or permissions */
+    case 530: /* NOT_ALLOWED: vhost */
+      return "auth";
+    case 320: /* CONNECTION_FORCED: broker stopping, or close_connection */
+      return "connection";
+    default:
+      return "broker";
+  }
+}
+
+/* Classifies the outcome of a synchronous method (login, declare, consume). */
+static int classify_reply(struct rpc_conn *c, const char *what, amqp_rpc_reply_t r) {
+  if (r.reply_type == AMQP_RESPONSE_NORMAL) return 0;
+  if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION)
+    return conn_lost(c, "connection", "%s on %s failed: %s", what, c->where,
+                     amqp_error_string2(r.library_error));
+  if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION) {
+    int code = 0;
+    amqp_bytes_t text = {0, NULL};
+    if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+      amqp_connection_close_t *m = r.reply.decoded;
+      code = m->reply_code;
+      text = m->reply_text;
+    } else if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+      amqp_channel_close_t *m = r.reply.decoded;
+      code = m->reply_code;
+      text = m->reply_text;
+    }
+    return conn_lost(c, kind_of_code(code), "%s on %s refused by the broker: %d %.*s", what,
+                     c->where, code, (int)text.len, (const char *)text.bytes);
+  }
+  return conn_lost(c, "connection", "%s on %s failed: no reply", what, c->where);
+}
+
+int conn_check_reply(struct rpc_conn *c, const char *what) {
+  return classify_reply(c, what, amqp_get_rpc_reply(c->amqp));
+}
+
+static struct timeval timeval_of(double seconds) {
+  struct timeval tv;
+  tv.tv_sec = (time_t)seconds;
+  tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
+  return tv;
+}
+
+static int connect_socket(struct rpc_conn *c) {
+  struct timeval tv = timeval_of(c->connect_timeout);
+  amqp_socket_t *sock = amqp_tcp_socket_new(c->amqp);
+  if (!sock) return conn_lost(c, "connection", "cannot create a socket for %s", c->where);
+  int st = amqp_socket_open_noblock(sock, c->host, c->port, &tv);
+  if (st == AMQP_STATUS_OK) return 0;
+  return conn_lost(c, "connection", "cannot connect to %s: %s", c->where, amqp_error_string2(st));
+}
+
+int conn_open(struct rpc_conn *c) {
+  conn_close(c);
+  c->error_kind = NULL;
+  c->error[0] = '\0';
+  c->amqp = amqp_new_connection();
+  if (!c->amqp) return conn_lost(c, "connection", "out of memory connecting to %s", c->where);
+  if (connect_socket(c)) return -1;
+
+  struct timeval tv = timeval_of(c->connect_timeout);
+  amqp_set_handshake_timeout(c->amqp, &tv);
+  amqp_set_rpc_timeout(c->amqp, &tv);  /* bounds declare/consume/close; never hang on a mute peer */
+  amqp_rpc_reply_t login = amqp_login(c->amqp, c->vhost, 0, RPC_FRAME_MAX, c->heartbeat,
+                                      AMQP_SASL_METHOD_PLAIN, c->user, c->password);
+  if (classify_reply(c, "login", login)) {
+    /* 0.11 advertises authentication_failure_close, so a refused login is a 403; a closed
+     * socket during login is what older brokers do instead */
+    if (strstr(c->error, "socket is closed") || strstr(c->error, "connection closed"))
+      c->error_kind = "auth";
+    return -1;
+  }
+  amqp_channel_open(c->amqp, RPC_CHANNEL);
+  if (conn_check_reply(c, "channel.open")) return -1;
+  c->last_pumped = rpc_now();
+  return 0;
+}
+
+void conn_close(struct rpc_conn *c) {
+  if (!c->amqp) return;
+  if (!c->error_kind) amqp_connection_close(c->amqp, AMQP_REPLY_SUCCESS);
+  amqp_destroy_connection(c->amqp);
+  c->amqp = NULL;
+  conn_release_message(c);
+}
+
+void conn_free(struct rpc_conn *c) {
+  conn_close(c);
+  if (c->password) memset(c->password, 0, strlen(c->password));
+  free(c->host);
+  free(c->user);
+  free(c->password);
+  free(c->vhost);
+  free(c->where);
+  free(c->msg.buf);
+  c->host = c->user = c->password = c->vhost = c->where = c->msg.buf = NULL;
+  c->msg.cap = 0;
+}
+
+int conn_fd(const struct rpc_conn *c) {
+  return c->amqp ? amqp_get_sockfd(c->amqp) : -1;
+}
+
+/* rabbitmq-c may hold whole frames or raw bytes that a poll() on the socket cannot see. */
+int conn_has_input(const struct rpc_conn *c) {
+  return c->amqp && (amqp_frames_enqueued(c->amqp) || amqp_data_in_buffer(c->amqp));
+}
+
+void conn_release_message(struct rpc_conn *c) {
+  c->msg.kind = EV_NONE;
+  c->msg.props = NULL;
+  c->msg.body = NULL;
+  c->msg.size = c->msg.received = 0;
+  c->msg.header_seen = 0;
+  if (c->amqp) amqp_maybe_release_buffers(c->amqp);
+}
+
+static int add_body(struct rpc_conn *c, amqp_bytes_t part) {
+  struct rpc_message *m = &c->msg;
+  if (part.len > m->size - m->received)
+    return conn_lost(c, "connection", "%s sent more body than announced", c->where);
+  if (m->received == 0 && part.len == m->size) {
+    m->body = part.bytes;  /* the common case: one frame, read in place */
+  } else {
+    if (m->received + part.len > m->cap) {
+      size_t cap = m->cap ? m->cap : 4096;
+      while (cap < m->received + part.len) cap *= 2;
+      char *buf = realloc(m->buf, cap);
+      if (!buf) return conn_lost(c, "connection", "out of memory reading from %s", c->where);
+      m->buf = buf;
+      m->cap = cap;
+    }
+    memcpy(m->buf + m->received, part.bytes, part.len);
+    m->body = m->buf;
+  }
+  m->received += part.len;
+  return 0;
+}
+
+/* The broker closed our channel or connection: answer it, as 0.11 does not (rmqc#479). */
+static enum conn_event broker_closed(struct rpc_conn *c, amqp_method_t *method) {
+  int code;
+  amqp_bytes_t text;
+  if (method->id == AMQP_CHANNEL_CLOSE_METHOD) {
+    amqp_channel_close_t *m = method->decoded;
+    amqp_channel_close_ok_t ok = {0};
+    code = m->reply_code;
+    text = m->reply_text;
+    amqp_send_method(c->amqp, RPC_CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+  } else {
+    amqp_connection_close_t *m = method->decoded;
+    amqp_connection_close_ok_t ok = {0};
+    code = m->reply_code;
+    text = m->reply_text;
+    amqp_send_method(c->amqp, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+  }
+  const char *kind = code == 404 ? "no_route" : kind_of_code(code);
+  conn_lost(c, code == 320 ? "connection" : kind, "%s closed by the broker: %d %.*s", c->where,
+            code, (int)text.len, (const char *)text.bytes);
+  return EV_FAILED;
+}
+
+static enum conn_event on_method(struct rpc_conn *c, amqp_method_t *method) {
+  switch (method->id) {
+    case AMQP_BASIC_DELIVER_METHOD:
+      c->msg.kind = EV_DELIVERY;
+      c->msg.deliver = *(amqp_basic_deliver_t *)method->decoded;
+      return EV_NONE;
+    case AMQP_BASIC_RETURN_METHOD:
+      c->msg.kind = EV_RETURN;
+      c->msg.returned = *(amqp_basic_return_t *)method->decoded;
+      return EV_NONE;
+    case AMQP_BASIC_CANCEL_METHOD:
+      return EV_CANCELLED;
+    case AMQP_CHANNEL_CLOSE_METHOD:
+    case AMQP_CONNECTION_CLOSE_METHOD:
+      return broker_closed(c, method);
+    default:
+      return EV_NONE;  /* nothing else concerns request-reply */
+  }
+}
+
+static enum conn_event on_frame(struct rpc_conn *c, amqp_frame_t *f) {
+  struct rpc_message *m = &c->msg;
+  if (f->frame_type == AMQP_FRAME_METHOD) return on_method(c, &f->payload.method);
+  if (m->kind == EV_NONE) return EV_NONE;  /* content of something we did not ask for */
+  if (f->frame_type == AMQP_FRAME_HEADER) {
+    m->props = f->payload.properties.decoded;
+    m->size = (size_t)f->payload.properties.body_size;
+    m->header_seen = 1;
+  } else if (f->frame_type == AMQP_FRAME_BODY) {
+    if (!m->header_seen) return conn_lost(c, "connection", "%s sent a body before its header", c->where), EV_FAILED;
+    if (add_body(c, f->payload.body_fragment)) return EV_FAILED;
+  }
+  if (m->header_seen && m->received == m->size) {
+    if (m->size == 0) m->body = "";
+    return m->kind;
+  }
+  return EV_NONE;
+}
+
+/* Reads what has already arrived, never waiting, until one message is complete. The message
+ * stays in c->msg until conn_release_message. */
+enum conn_event conn_pump(struct rpc_conn *c) {
+  struct timeval zero = {0, 0};
+  amqp_frame_t frame;
+  c->last_pumped = rpc_now();
+  while (c->amqp) {
+    int st = amqp_simple_wait_frame_noblock(c->amqp, &frame, &zero);
+    if (st == AMQP_STATUS_TIMEOUT) return EV_NONE;
+    if (st != AMQP_STATUS_OK) {
+      conn_lost(c, "connection", "connection to %s lost: %s", c->where, amqp_error_string2(st));
+      return EV_FAILED;
+    }
+    enum conn_event ev = on_frame(c, &frame);
+    if (ev != EV_NONE) return ev;
+  }
+  return EV_FAILED;
+}
+
+int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
+                 const amqp_basic_properties_t *props, amqp_bytes_t body) {
+  int st = amqp_basic_publish(c->amqp, RPC_CHANNEL, exchange, routing_key, mandatory, 0, props, body);
+  if (st == AMQP_STATUS_OK) return 0;
+  return conn_lost(c, "connection", "publishing to %s failed: %s", c->where, amqp_error_string2(st));
+}
+
+int conn_ack(struct rpc_conn *c, uint64_t delivery_tag) {
+  int st = amqp_basic_ack(c->amqp, RPC_CHANNEL, delivery_tag, 0);
+  if (st == AMQP_STATUS_OK) return 0;
+  return conn_lost(c, "connection", "acknowledging on %s failed: %s", c->where, amqp_error_string2(st));
+}
+
+/* The text value of header key, or NULL. */
+const char *conn_header(const amqp_basic_properties_t *p, const char *key, size_t *len) {
+  if (!p || !(p->_flags & AMQP_BASIC_HEADERS_FLAG)) return NULL;
+  size_t klen = strlen(key);
+  for (int i = 0; i < p->headers.num_entries; i++) {
+    const amqp_table_entry_t *e = &p->headers.entries[i];
+    if (e->key.len != klen || memcmp(e->key.bytes, key, klen) != 0) continue;
+    if (e->value.kind != AMQP_FIELD_KIND_UTF8 && e->value.kind != AMQP_FIELD_KIND_BYTES) return NULL;
+    *len = e->value.value.bytes.len;
+    return e->value.value.bytes.bytes;
+  }
+  return NULL;
+}

@@ -1,0 +1,27 @@
+/* luaopen_rpc_core: the module table, and the two helpers every concept shares. */
+#define _POSIX_C_SOURCE 200809L
+#include <time.h>
+
+#include "rpc.h"
+
+int rpc_fail(lua_State *L, const char *kind, const char *message) {
+  lua_pushnil(L);
+  lua_pushstring(L, message);
+  lua_pushstring(L, kind);
+  return 3;
+}
+
+double rpc_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int luaopen_rpc_core(lua_State *L) {
+  lua_newtable(L);
+  rpc_client_open(L);
+  rpc_server_open(L);
+  lua_pushliteral(L, "rabbitrpc scm");
+  lua_setfield(L, -2, "_VERSION");
+  return 1;
+}

@@ -1,0 +1,160 @@
+/* The wait loop: one per Lua state. Whoever waits (a client in call, a server in run or poll)
+ * waits here, so every open server of the state is served meanwhile: one process, or one REPL,
+ * can define a handler and call it. */
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+
+#include "rpc.h"
+
+#define MAX_POLLED 64
+
+struct rpc_loop {
+  struct rpc_server *servers;  /* open servers, newest first */
+};
+
+static const char LOOP_KEY = 'L';  /* its address keys the loop in the registry */
+
+/* The loop's user value is a table from server pointer to server userdata: open servers stay
+ * alive, as a listening socket would, until they are closed. */
+struct rpc_loop *loop_get(lua_State *L) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY) == LUA_TNIL) {
+    lua_pop(L, 1);
+    struct rpc_loop *loop = lua_newuserdatauv(L, sizeof *loop, 1);
+    loop->servers = NULL;
+    lua_newtable(L);
+    lua_setiuservalue(L, -2, 1);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
+  }
+  struct rpc_loop *loop = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return loop;
+}
+
+static void push_anchors(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
+  lua_getiuservalue(L, -1, 1);
+  lua_remove(L, -2);
+}
+
+void loop_add_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *s, int idx) {
+  idx = lua_absindex(L, idx);
+  push_anchors(L);
+  lua_pushvalue(L, idx);
+  lua_rawsetp(L, -2, s);
+  lua_pop(L, 1);
+  server_set_next(s, loop->servers);
+  loop->servers = s;
+}
+
+void loop_remove_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *s) {
+  struct rpc_server *prev = NULL;
+  for (struct rpc_server *it = loop->servers; it; prev = it, it = server_next(it)) {
+    if (it != s) continue;
+    if (prev) server_set_next(prev, server_next(s));
+    else loop->servers = server_next(s);
+    break;
+  }
+  server_set_next(s, NULL);
+  push_anchors(L);
+  lua_pushnil(L);
+  lua_rawsetp(L, -2, s);
+  lua_pop(L, 1);
+}
+
+/* Serves server s from the loop: its userdata comes from the anchors. */
+static int serve_one(lua_State *L, struct rpc_server *s) {
+  push_anchors(L);
+  lua_rawgetp(L, -1, s);
+  int handled = server_service(L, lua_gettop(L));
+  lua_pop(L, 2);
+  return handled;
+}
+
+/* Serves the first server with input already buffered. Returns 1 if it served one: handlers
+ * may open or close anything, so the caller starts over rather than keep walking the list. */
+static int serve_buffered(lua_State *L, struct rpc_loop *loop, double now) {
+  for (struct rpc_server *s = loop->servers; s; s = server_next(s)) {
+    if (!server_servable(s)) continue;
+    struct rpc_conn *c = server_conn(s);
+    if (conn_has_input(c) || now - c->last_pumped > RPC_SLICE * 5) {
+      serve_one(L, s);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double deadline) {
+  int looked = 0;
+  for (;;) {
+    double now = rpc_now();
+    /* rabbitmq-c sends and checks heartbeats only inside its calls: have own read often */
+    if (own && (conn_has_input(own) || now - own->last_pumped > RPC_SLICE * 5)) return 1;
+    if (looked && now >= deadline) return 0;
+    if (serve_buffered(L, loop, now)) continue;
+
+    struct pollfd fds[MAX_POLLED];
+    struct rpc_server *polled[MAX_POLLED];
+    nfds_t n = 0;
+    if (own && conn_fd(own) >= 0) {
+      fds[n].fd = conn_fd(own);
+      fds[n].events = POLLIN;
+      polled[n++] = NULL;
+    }
+    for (struct rpc_server *s = loop->servers; s && n < MAX_POLLED; s = server_next(s)) {
+      if (!server_servable(s)) continue;
+      fds[n].fd = conn_fd(server_conn(s));
+      fds[n].events = POLLIN;
+      polled[n++] = s;
+    }
+    /* poll at least once, even past the deadline: bytes may wait in the socket */
+    double wait = fmax(0, fmin(deadline - now, RPC_SLICE));
+    int ready = poll(fds, n, (int)ceil(wait * 1000));
+    looked = 1;
+    if (ready < 0) return 0;  /* EINTR: let the caller look at its deadline and signals */
+    for (nfds_t i = 0; ready > 0 && i < n; i++) {
+      if (!fds[i].revents) continue;
+      if (!polled[i]) return 1;
+      serve_one(L, polled[i]);
+      break;  /* the list may have changed: poll again */
+    }
+  }
+}
+
+/* SIGINT/SIGTERM only set a flag while a server runs; run() notices within one slice. This is
+ * the one process-wide state: a signal handler has no Lua state to write to. Nested runs (a
+ * handler that runs another server) install the handlers once. */
+static volatile sig_atomic_t signalled;
+static int catching;
+static struct sigaction saved_int, saved_term;
+
+static void on_signal(int sig) {
+  (void)sig;
+  signalled = 1;
+}
+
+void loop_catch_signals(int on) {
+  if (on ? catching++ > 0 : --catching > 0) return;
+  if (on) {
+    struct sigaction sa;
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;  /* no SA_RESTART: poll() returns at once */
+    signalled = 0;
+    sigaction(SIGINT, &sa, &saved_int);
+    sigaction(SIGTERM, &sa, &saved_term);
+  } else {
+    sigaction(SIGINT, &saved_int, NULL);
+    sigaction(SIGTERM, &saved_term, NULL);
+    signalled = 0;
+  }
+}
+
+int loop_signalled(void) {
+  return signalled;
+}

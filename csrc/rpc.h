@@ -1,0 +1,133 @@
+/* rabbitrpc internal header: the pieces the concept files share. */
+#ifndef RPC_H
+#define RPC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <amqp.h>
+#include <lauxlib.h>
+#include <lua.h>
+
+#define RPC_CHANNEL 1
+#define RPC_FRAME_MAX 131072    /* rabbitmq-c 0.11 keeps 0 as "no limit": always pass it */
+#define RPC_DEFAULT_HEARTBEAT 60
+#define RPC_DEFAULT_CONNECT_TIMEOUT 10.0
+#define RPC_DEFAULT_CALL_TIMEOUT 30.0
+#define RPC_MAX_TIMEOUT 1e6     /* seconds; keeps expiration and deadlines far from overflow */
+#define RPC_SLICE 0.2           /* longest sleep between checks for signals and heartbeats */
+#define RPC_DIRECT_REPLY_TO "amq.rabbitmq.reply-to"
+#define RPC_ERROR_HEADER "x-rpc-error"
+
+/* ---- errors (core.c) ---- */
+/* Pushes nil, message, kind and returns 3: the one way runtime failures reach Lua. */
+int rpc_fail(lua_State *L, const char *kind, const char *message);
+double rpc_now(void);   /* monotonic seconds */
+
+/* ---- options (options.c) ---- */
+void opts_check_keys(lua_State *L, int idx, const char *const allowed[]);
+const char *opts_string(lua_State *L, int idx, const char *key, const char *def, size_t *len);
+double opts_number(lua_State *L, int idx, const char *key, double def, double min, double max);
+lua_Integer opts_integer(lua_State *L, int idx, const char *key, lua_Integer def, lua_Integer min,
+                         lua_Integer max);
+int opts_boolean(lua_State *L, int idx, const char *key, int def);
+/* A timeout in seconds at stack index idx: positive and finite; def when nil or absent. */
+double opts_check_timeout(lua_State *L, int idx, double def);
+
+/* ---- connection (connection.c): one AMQP connection with channel 1 open ---- */
+enum conn_event { EV_NONE, EV_DELIVERY, EV_RETURN, EV_CANCELLED, EV_FAILED };
+
+struct rpc_message {            /* a basic.deliver or basic.return being assembled */
+  enum conn_event kind;         /* EV_NONE while idle */
+  amqp_basic_deliver_t deliver; /* its byte fields point into rabbitmq-c's pool */
+  amqp_basic_return_t returned;
+  amqp_basic_properties_t *props;
+  size_t size, received;
+  const char *body;             /* the single body frame, or buf */
+  char *buf;                    /* reused across messages */
+  size_t cap;
+  int header_seen;
+};
+
+struct rpc_conn {
+  amqp_connection_state_t amqp; /* NULL when not connected */
+  char *host, *user, *password, *vhost;
+  int port, heartbeat;
+  double connect_timeout;
+  char *where;                  /* amqp://user@host:port/vhost, never the password */
+  struct rpc_message msg;
+  double last_pumped;             /* when the loop last serviced it (heartbeats) */
+  const char *error_kind;       /* why it was lost, for the next caller */
+  char error[512];
+};
+
+/* Reads url/heartbeat/connect_timeout from the options table at idx. */
+void conn_init(lua_State *L, struct rpc_conn *c, int opts_idx);
+/* 0 on success; else -1 with c->error and c->error_kind set. */
+int conn_open(struct rpc_conn *c);
+int conn_check_reply(struct rpc_conn *c, const char *what);
+void conn_close(struct rpc_conn *c);      /* polite close, then free the connection */
+void conn_free(struct rpc_conn *c);       /* conn_close and release everything */
+int conn_fd(const struct rpc_conn *c);
+int conn_has_input(const struct rpc_conn *c);
+enum conn_event conn_pump(struct rpc_conn *c);
+void conn_release_message(struct rpc_conn *c);
+int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
+                 const amqp_basic_properties_t *props, amqp_bytes_t body);
+int conn_ack(struct rpc_conn *c, uint64_t delivery_tag);
+int conn_lost(struct rpc_conn *c, const char *kind, const char *fmt, ...);
+const char *conn_header(const amqp_basic_properties_t *p, const char *key, size_t *len);
+
+/* ---- AMQP field tables (table.c) ---- */
+void table_from_lua(lua_State *L, int idx, int argn, amqp_pool_t *pool, amqp_table_t *out);
+void table_push(lua_State *L, const amqp_table_t *t);
+
+/* ---- pending calls (pending.c): correlation id -> outcome ---- */
+enum call_state { CALL_WAITING, CALL_REPLIED, CALL_FAILED };
+
+struct rpc_call {
+  unsigned char id[16];
+  int used;
+  enum call_state state;
+  const char *kind;             /* CALL_FAILED only */
+  char *data;                   /* the reply or the failure message, kept for its waiter */
+  size_t len;
+};
+
+struct rpc_pending {
+  struct rpc_call *slots;
+  size_t cap, count;
+};
+
+struct rpc_call *pending_add(struct rpc_pending *p, const unsigned char id[16]);
+struct rpc_call *pending_find(struct rpc_pending *p, const unsigned char id[16]);
+void pending_remove(struct rpc_pending *p, struct rpc_call *call);
+int pending_settle(struct rpc_call *call, enum call_state state, const char *kind, const char *data,
+                   size_t len);
+void pending_fail_all(struct rpc_pending *p, const char *kind, const char *message);
+void pending_free(struct rpc_pending *p);
+
+/* ---- the wait loop (loop.c): one per Lua state, serves its open servers ---- */
+struct rpc_server;
+struct rpc_loop;
+struct rpc_loop *loop_get(lua_State *L);
+void loop_add_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *s, int idx);
+void loop_remove_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *s);
+/* Serves idle servers until own has input (1), the deadline passes or a signal arrives (0). */
+int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double deadline);
+void loop_catch_signals(int on);
+int loop_signalled(void);
+
+/* ---- servers (server.c) ---- */
+struct rpc_conn *server_conn(struct rpc_server *s);
+struct rpc_server *server_next(struct rpc_server *s);
+void server_set_next(struct rpc_server *s, struct rpc_server *next);
+int server_servable(const struct rpc_server *s);
+int server_service(lua_State *L, int idx);
+
+/* ---- Lua types ---- */
+LUAMOD_API int luaopen_rpc_core(lua_State *L);
+int rpc_client_open(lua_State *L);
+int rpc_server_open(lua_State *L);
+
+#endif

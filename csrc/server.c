@@ -1,0 +1,371 @@
+/* rpc.server: declares a queue, consumes it with manual acks, runs a Lua handler per request
+ * and publishes its reply to the request's reply_to, acking only after the reply is out. */
+#include <string.h>
+
+#include "rpc.h"
+
+#define SERVER_MT "rpc.server"
+#define MAX_ERROR_HEADER 8192  /* the whole text is in the body; the header must fit a frame */
+
+/* user values */
+enum { UV_HANDLER = 1, UV_MSGH, UV_ARGUMENTS, UV_LAST_ERROR, UV_COUNT = UV_LAST_ERROR };
+
+struct rpc_server {
+  struct rpc_conn conn;
+  struct rpc_loop *loop;
+  struct rpc_server *next;
+  char queue[256];
+  int prefetch, durable, exclusive, auto_delete;
+  int wants_request;  /* the handler declares a second parameter */
+  int open, busy, stopping, close_pending;
+  struct { lua_Integer requests, replies, errors, no_reply_to; } stats;
+};
+
+struct rpc_conn *server_conn(struct rpc_server *s) { return &s->conn; }
+struct rpc_server *server_next(struct rpc_server *s) { return s->next; }
+void server_set_next(struct rpc_server *s, struct rpc_server *next) { s->next = next; }
+int server_servable(const struct rpc_server *s) { return s->open && !s->busy && s->conn.amqp; }
+
+static struct rpc_server *check_server(lua_State *L, int idx) {
+  return luaL_checkudata(L, idx, SERVER_MT);
+}
+
+/* ---- handling one request ---- */
+
+/* Turns any error value into text and keeps its traceback for stats().last_error. */
+static int message_handler(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (!msg) {
+    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+      msg = lua_tostring(L, -1);
+    else
+      msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+  }
+  luaL_traceback(L, L, msg, 1);
+  lua_setiuservalue(L, lua_upvalueindex(1), UV_LAST_ERROR);
+  lua_pushstring(L, msg);
+  return 1;
+}
+
+static void set_string_field(lua_State *L, const char *name, amqp_bytes_t b) {
+  lua_pushlstring(L, b.bytes, b.len);
+  lua_setfield(L, -2, name);
+}
+
+/* Built only for handlers that declare a second parameter. */
+static void push_request(lua_State *L, const struct rpc_message *m) {
+  const amqp_basic_properties_t *p = m->props;
+  lua_createtable(L, 0, 7);
+  if (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) set_string_field(L, "correlation_id", p->correlation_id);
+  if (p->_flags & AMQP_BASIC_REPLY_TO_FLAG) set_string_field(L, "reply_to", p->reply_to);
+  if (p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG) set_string_field(L, "content_type", p->content_type);
+  if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
+    table_push(L, &p->headers);
+    lua_setfield(L, -2, "headers");
+  }
+  lua_pushboolean(L, m->deliver.redelivered);
+  lua_setfield(L, -2, "redelivered");
+  set_string_field(L, "routing_key", m->deliver.routing_key);
+  set_string_field(L, "exchange", m->deliver.exchange);
+}
+
+static int publish_reply(struct rpc_server *s, const char *reply, size_t len, int failed) {
+  const amqp_basic_properties_t *req = s->conn.msg.props;
+  amqp_basic_properties_t props;
+  amqp_table_entry_t error;
+  props._flags = 0;
+  if (req->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) {
+    props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
+    props.correlation_id = req->correlation_id;
+  }
+  if (failed) {
+    error.key = amqp_cstring_bytes(RPC_ERROR_HEADER);
+    error.value.kind = AMQP_FIELD_KIND_UTF8;
+    error.value.value.bytes.len = len < MAX_ERROR_HEADER ? len : MAX_ERROR_HEADER;
+    error.value.value.bytes.bytes = (void *)reply;
+    props._flags |= AMQP_BASIC_HEADERS_FLAG;
+    props.headers.num_entries = 1;
+    props.headers.entries = &error;
+  }
+  amqp_bytes_t body = {len, (void *)reply};
+  if (conn_publish(&s->conn, amqp_empty_bytes, req->reply_to, 0, &props, body)) return -1;
+  s->stats.replies++;
+  return 0;
+}
+
+static int has_reply_to(const amqp_basic_properties_t *p) {
+  return (p->_flags & AMQP_BASIC_REPLY_TO_FLAG) && p->reply_to.len > 0;
+}
+
+/* Runs the handler on the delivery in s->conn.msg, replies, then acks. */
+static void handle_request(lua_State *L, struct rpc_server *s, int idx) {
+  struct rpc_message *m = &s->conn.msg;
+  int top = lua_gettop(L);
+  s->stats.requests++;
+  lua_getiuservalue(L, idx, UV_MSGH);
+  lua_getiuservalue(L, idx, UV_HANDLER);
+  lua_pushlstring(L, m->body, m->size);
+  if (s->wants_request) push_request(L, m);
+  int status = lua_pcall(L, s->wants_request ? 2 : 1, 1, top + 1);
+  int type = lua_type(L, -1);
+  int failed = status != LUA_OK || (type != LUA_TSTRING && type != LUA_TNUMBER);
+  if (status == LUA_OK && failed) {
+    lua_pushfstring(L, "handler returned %s (a string or number expected)", luaL_typename(L, -1));
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, idx, UV_LAST_ERROR);
+  }
+  if (failed) s->stats.errors++;
+  size_t len;
+  const char *reply = lua_tolstring(L, -1, &len);
+  if (has_reply_to(m->props)) {
+    if (publish_reply(s, reply, len, failed)) goto done;
+  } else {
+    s->stats.no_reply_to++;
+  }
+  conn_ack(&s->conn, m->deliver.delivery_tag);
+done:
+  lua_settop(L, top);
+}
+
+static void server_close(lua_State *L, struct rpc_server *s);
+
+/* Handles every request already received by the server at idx, never waiting. */
+int server_service(lua_State *L, int idx) {
+  struct rpc_server *s = check_server(L, idx);
+  int handled = 0;
+  s->busy = 1;
+  while (s->open && !s->close_pending && !s->stopping && !loop_signalled()) {
+    enum conn_event ev = conn_pump(&s->conn);
+    if (ev == EV_NONE || ev == EV_FAILED) break;
+    if (ev == EV_DELIVERY) {
+      handle_request(L, s, idx);
+      handled++;
+    } else if (ev == EV_CANCELLED) {
+      conn_lost(&s->conn, "broker", "the broker cancelled the consumer of queue '%s' (was it deleted?)",
+                s->queue);
+      break;
+    }
+    conn_release_message(&s->conn);
+  }
+  s->busy = 0;
+  if (s->close_pending) server_close(L, s);
+  return handled;
+}
+
+/* ---- setting up ---- */
+
+static int declare_and_consume(lua_State *L, struct rpc_server *s, int idx) {
+  amqp_table_t args = amqp_empty_table;
+  amqp_pool_t pool;
+  init_amqp_pool(&pool, 1024);
+  lua_getiuservalue(L, idx, UV_ARGUMENTS);
+  if (lua_istable(L, -1)) table_from_lua(L, lua_gettop(L), 3, &pool, &args);  /* checked already */
+  amqp_queue_declare_ok_t *ok =
+      amqp_queue_declare(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->queue), 0, s->durable,
+                         s->exclusive, s->auto_delete, args);
+  lua_pop(L, 1);
+  empty_amqp_pool(&pool);
+  if (conn_check_reply(&s->conn, "declaring the queue")) return -1;
+  if (!s->queue[0] && ok) {  /* a server-named queue */
+    size_t n = ok->queue.len < sizeof s->queue ? ok->queue.len : sizeof s->queue - 1;
+    memcpy(s->queue, ok->queue.bytes, n);
+    s->queue[n] = '\0';
+  }
+  amqp_basic_qos(s->conn.amqp, RPC_CHANNEL, 0, (uint16_t)s->prefetch, 0);
+  if (conn_check_reply(&s->conn, "setting the prefetch")) return -1;
+  amqp_basic_consume(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->queue), amqp_empty_bytes, 0,
+                     0, 0, amqp_empty_table);
+  return conn_check_reply(&s->conn, "consuming the queue");
+}
+
+static void check_arguments_table(lua_State *L, int opts) {
+  if (lua_isnoneornil(L, opts)) return;
+  if (lua_getfield(L, opts, "arguments") != LUA_TNIL) {
+    if (!lua_istable(L, -1))
+      luaL_argerror(L, opts, lua_pushfstring(L, "option 'arguments' must be a table, got %s",
+                                             luaL_typename(L, -1)));
+    amqp_pool_t pool;
+    amqp_table_t t;
+    init_amqp_pool(&pool, 1024);
+    table_from_lua(L, lua_gettop(L), opts, &pool, &t);  /* raises on a bad entry */
+    empty_amqp_pool(&pool);
+  }
+  lua_pop(L, 1);
+}
+
+static const char *const server_options[] = {"url", "heartbeat", "connect_timeout", "durable",
+                                             "exclusive", "auto_delete", "arguments", "prefetch",
+                                             NULL};
+
+/* rpc.server(queue, handler [, opts]): pushes the server, or nil, message, kind. */
+static int server_new(lua_State *L) {
+  size_t qlen;
+  const char *queue = luaL_checklstring(L, 1, &qlen);
+  luaL_argcheck(L, qlen < 256, 1, "queue name longer than 255 bytes");
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  opts_check_keys(L, 3, server_options);
+  int prefetch = (int)opts_integer(L, 3, "prefetch", 1, 1, 65535);
+  int durable = opts_boolean(L, 3, "durable", 0);
+  int exclusive = opts_boolean(L, 3, "exclusive", 0);
+  int auto_delete = opts_boolean(L, 3, "auto_delete", 0);
+  check_arguments_table(L, 3);
+
+  struct rpc_server *s = lua_newuserdatauv(L, sizeof *s, UV_COUNT);
+  memset(s, 0, sizeof *s);
+  luaL_setmetatable(L, SERVER_MT);
+  int idx = lua_gettop(L);
+  conn_init(L, &s->conn, 3);
+  memcpy(s->queue, queue, qlen + 1);
+  s->prefetch = prefetch;
+  s->durable = durable;
+  s->exclusive = exclusive;
+  s->auto_delete = auto_delete;
+  lua_Debug ar;
+  lua_pushvalue(L, 2);
+  lua_getinfo(L, ">u", &ar);
+  s->wants_request = ar.isvararg || ar.nparams >= 2;
+  lua_pushvalue(L, 2);
+  lua_setiuservalue(L, idx, UV_HANDLER);
+  lua_pushvalue(L, idx);
+  lua_pushcclosure(L, message_handler, 1);  /* made once, not per request */
+  lua_setiuservalue(L, idx, UV_MSGH);
+  if (!lua_isnoneornil(L, 3)) {
+    lua_getfield(L, 3, "arguments");
+    lua_setiuservalue(L, idx, UV_ARGUMENTS);
+  }
+  s->open = 1;
+  if (conn_open(&s->conn) || declare_and_consume(L, s, idx)) {
+    int n = rpc_fail(L, s->conn.error_kind, s->conn.error);
+    server_close(L, s);
+    return n;
+  }
+  s->loop = loop_get(L);
+  loop_add_server(L, s->loop, s, idx);
+  lua_pushvalue(L, idx);
+  return 1;
+}
+
+/* ---- methods ---- */
+
+static int closed_or_lost(lua_State *L, struct rpc_server *s) {
+  if (!s->open) return rpc_fail(L, "closed", "server closed");
+  return rpc_fail(L, s->conn.error_kind ? s->conn.error_kind : "connection", s->conn.error);
+}
+
+/* Serves every open server of this Lua state until s is stopped, closed or lost. */
+static int run_server(lua_State *L, int idx) {
+  struct rpc_server *s = check_server(L, idx);
+  if (!s->open || !s->conn.amqp) return closed_or_lost(L, s);
+  luaL_argcheck(L, !s->busy, idx, "server:run() called from its own handler");
+  s->stopping = 0;
+  loop_catch_signals(1);
+  while (s->open && s->conn.amqp && !s->stopping && !loop_signalled())
+    loop_wait(L, s->loop, NULL, rpc_now() + RPC_SLICE);
+  loop_catch_signals(0);
+  if (s->open && !s->conn.amqp) return closed_or_lost(L, s);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int server_run(lua_State *L) {
+  return run_server(L, 1);
+}
+
+/* server:poll([timeout]): waits up to timeout (default 0) for requests to this server. */
+static int server_poll(lua_State *L) {
+  struct rpc_server *s = check_server(L, 1);
+  double timeout = luaL_optnumber(L, 2, 0);
+  luaL_argcheck(L, timeout >= 0 && timeout <= RPC_MAX_TIMEOUT, 2,
+                "timeout must be a number of seconds from 0 to 1e6");
+  if (!s->open || !s->conn.amqp) return closed_or_lost(L, s);
+  luaL_argcheck(L, !s->busy, 1, "server:poll() called from its own handler");
+  s->stopping = 0;
+  lua_Integer before = s->stats.requests;
+  double deadline = rpc_now() + timeout;
+  do {
+    if (loop_wait(L, s->loop, &s->conn, deadline) && s->open) server_service(L, 1);
+  } while (s->open && s->conn.amqp && s->stats.requests == before && rpc_now() < deadline);
+  if (!s->open || !s->conn.amqp) return closed_or_lost(L, s);
+  lua_pushinteger(L, s->stats.requests - before);
+  return 1;
+}
+
+static int server_stop(lua_State *L) {
+  check_server(L, 1)->stopping = 1;
+  return 0;
+}
+
+static void server_close(lua_State *L, struct rpc_server *s) {
+  if (s->busy) {  /* closed from its own handler: finish the request first */
+    s->close_pending = 1;
+    return;
+  }
+  if (s->loop) loop_remove_server(L, s->loop, s);
+  s->loop = NULL;
+  s->open = 0;
+  s->close_pending = 0;
+  conn_free(&s->conn);
+}
+
+static int server_close_method(lua_State *L) {
+  server_close(L, check_server(L, 1));
+  return 0;
+}
+
+static int server_stats(lua_State *L) {
+  struct rpc_server *s = check_server(L, 1);
+  lua_createtable(L, 0, 5);
+  lua_pushinteger(L, s->stats.requests);
+  lua_setfield(L, -2, "requests");
+  lua_pushinteger(L, s->stats.replies);
+  lua_setfield(L, -2, "replies");
+  lua_pushinteger(L, s->stats.errors);
+  lua_setfield(L, -2, "errors");
+  lua_pushinteger(L, s->stats.no_reply_to);
+  lua_setfield(L, -2, "no_reply_to");
+  lua_getiuservalue(L, 1, UV_LAST_ERROR);
+  lua_setfield(L, -2, "last_error");
+  return 1;
+}
+
+static int server_tostring(lua_State *L) {
+  struct rpc_server *s = check_server(L, 1);
+  if (!s->open) lua_pushliteral(L, "rpc.server (closed)");
+  else lua_pushfstring(L, "rpc.server (%s, queue '%s', prefetch %d%s)", s->conn.where, s->queue,
+                       s->prefetch, s->conn.amqp ? "" : ", connection lost");
+  return 1;
+}
+
+/* rpc.serve(queue, handler [, opts]): server, run, close. */
+static int serve(lua_State *L) {
+  int n = server_new(L);
+  if (n != 1) return n;
+  int idx = lua_gettop(L);
+  n = run_server(L, idx);
+  server_close(L, check_server(L, idx));
+  return n;
+}
+
+static const luaL_Reg server_methods[] = {
+    {"run", server_run},   {"poll", server_poll},   {"stop", server_stop},
+    {"close", server_close_method}, {"stats", server_stats}, {NULL, NULL}};
+
+static const luaL_Reg server_meta[] = {{"__gc", server_close_method},
+                                       {"__close", server_close_method},
+                                       {"__tostring", server_tostring},
+                                       {"__index", NULL},
+                                       {NULL, NULL}};
+
+int rpc_server_open(lua_State *L) {
+  luaL_newmetatable(L, SERVER_MT);
+  luaL_setfuncs(L, server_meta, 0);
+  luaL_newlibtable(L, server_methods);
+  luaL_setfuncs(L, server_methods, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  lua_pushcfunction(L, server_new);
+  lua_setfield(L, -2, "server");
+  lua_pushcfunction(L, serve);
+  lua_setfield(L, -2, "serve");
+  return 0;
+}
