@@ -4,11 +4,13 @@ package.path = arg[0]:gsub("[^/]*$", "") .. "../lua/?.lua;" .. package.path     
 package.cpath = arg[0]:gsub("[^/]*$", "") .. "../build/?.so;" .. package.cpath
 local rpc = require "rpc"
 
-local queue = arg[1] or "echo"
-print((" [x] Echoing requests on '%s'"):format(queue))
-io.stdout:flush()
-local ok, message, kind = rpc.serve(queue, function(body) return body end)
-if not ok then
+local server, message, kind = rpc.server(arg[1] or "echo", function(body) return body end)
+if server then
+  print(" [x] Echoing requests")  -- the queue is declared and consumed from here on
+  io.stdout:setvbuf("line")
+  server, message, kind = server:run()  -- until Ctrl-C or SIGTERM
+end
+if not server then
   io.stderr:write("echo_server: ", message, " (", kind, ")\n")
   os.exit(1)
 end

@@ -21,12 +21,13 @@ local function handle(body)
   return fib(n)
 end
 
-local queue = os.getenv("RPC_QUEUE") or "rpc_queue"
-print(" [x] Awaiting RPC requests")
-io.stdout:flush()
-io.stdout:setvbuf("line")
-local ok, message, kind = rpc.serve(queue, handle)
-if not ok then
+local server, message, kind = rpc.server(os.getenv("RPC_QUEUE") or "rpc_queue", handle)
+if server then
+  print(" [x] Awaiting RPC requests")  -- the queue is declared and consumed from here on
+  io.stdout:setvbuf("line")
+  server, message, kind = server:run()  -- until Ctrl-C or SIGTERM
+end
+if not server then
   io.stderr:write("fib_server: ", message, " (", kind, ")\n")
   os.exit(1)
 end

@@ -1,0 +1,28 @@
+-- make memcheck: a call loop and every failure path, run under valgrind by scripts/memcheck.sh.
+package.path = "lua/?.lua;" .. package.path
+package.cpath = "build/?.so;" .. package.cpath
+local rpc = require "rpc"
+local calls = tonumber(arg[1]) or 300
+local q = "memcheck-" .. os.time()
+
+local server = assert(rpc.server(q, function(body, request)
+  if body == "raise" then error({}) end
+  return body .. (request.headers and request.headers.k or "")
+end, {auto_delete = true}))
+for _, mode in ipairs { "direct", "exclusive", q .. "-replies" } do
+  local client <close> = assert(rpc.client(q, {reply_to = mode}))
+  for i = 1, calls do assert(client:call(("x"):rep(i * 100), 5, {headers = {k = "v"}})) end
+  assert(client:call("raise") == nil)
+  assert(select(3, client:call("x", 1, {routing_key = q .. "-nobody"})) == "no_route")
+  assert(not pcall(client.call, client, {}))
+end
+local late = assert(rpc.client(q .. "-slow"))
+local slow = assert(rpc.server(q .. "-slow", function(body) return body end,
+  {arguments = {["x-expires"] = 10000}}))  -- outlives its consumer, then expires
+slow:close()  -- closed: nobody serves, requests time out
+assert(select(3, late:call("x", 0.2)) == "timeout")
+assert(select(3, rpc.client(q, {url = "amqp://guest:wrong@localhost:" .. (os.getenv("RPC_BROKER_PORT") or 5673) .. "/"})) == "auth")
+assert(select(3, rpc.client(q, {url = "amqp://guest:guest@localhost:1/"})) == "connection")
+server:close()
+rpc.server(q .. "-gc", function() return "" end, {auto_delete = true})  -- left open: freed by lua_close
+print("memcheck: done")
