@@ -11,7 +11,6 @@
 #define CLIENT_MT "rpc.client"
 
 enum reply_mode { REPLY_DIRECT, REPLY_EXCLUSIVE, REPLY_NAMED };
-static const char *const mode_names[] = {"direct", "exclusive", "named"};
 
 struct rpc_client {
   struct rpc_conn conn;
@@ -270,6 +269,12 @@ static int client_call(lua_State *L) {
   if (c->open) recycle_amqp_pool(&c->pool);
   read_call_options(L, c, &props, &exchange, &routing_key);
   if (!c->open) return rpc_fail(L, "closed", "client closed");
+  /* after a quiet spell the broker may have dropped us (missed heartbeats, a restart): read
+   * first, so a dead connection is replaced before publishing rather than failing the call */
+  if (c->conn.amqp && rpc_now() - c->conn.last_pumped > RPC_SLICE * 5) {
+    static const unsigned char nobody[16];  /* no random uuid is all zeros */
+    read_replies(L, c, nobody);
+  }
   if (!c->conn.amqp && client_connect(c)) return rpc_fail(L, c->conn.error_kind, c->conn.error);
 
   unsigned char id[16];
@@ -324,9 +329,11 @@ static int client_stats(lua_State *L) {
 static int client_tostring(lua_State *L) {
   struct rpc_client *c = check_client(L);
   if (!c->open) lua_pushliteral(L, "rpc.client (closed)");
-  else lua_pushfstring(L, "rpc.client (%s, queue '%s', reply_to %s%s%s)", c->conn.where, c->queue,
-                       mode_names[c->mode], c->mode == REPLY_NAMED ? " " : "",
-                       c->mode == REPLY_NAMED ? c->reply_to : "");
+  else if (c->mode == REPLY_NAMED)
+    lua_pushfstring(L, "rpc.client (%s, queue '%s', reply_to '%s')", c->conn.where, c->queue, c->reply_to);
+  else
+    lua_pushfstring(L, "rpc.client (%s, queue '%s', reply_to %s)", c->conn.where, c->queue,
+                    c->mode == REPLY_DIRECT ? "direct" : "exclusive");
   return 1;
 }
 

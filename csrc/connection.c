@@ -73,13 +73,20 @@ int conn_lost(struct rpc_conn *c, const char *kind, const char *fmt, ...) {
   return -1;
 }
 
-static const char *kind_of_code(int code) {
+/* RabbitMQ says 403 both for missing permissions and for a queue in exclusive use. */
+static const char *kind_of_close(int code, amqp_bytes_t text) {
+  static const char permission[] = "refused for user";
   switch (code) {
-    case 403: /* ACCESS_REFUSED: login, or permissions */
-    case 530: /* NOT_ALLOWED: vhost */
+    case 403: /* ACCESS_REFUSED */
+      for (size_t i = 0; i + sizeof permission - 1 <= text.len; i++)
+        if (memcmp((const char *)text.bytes + i, permission, sizeof permission - 1) == 0) return "auth";
+      return "broker";
+    case 530: /* NOT_ALLOWED: the vhost */
       return "auth";
     case 320: /* CONNECTION_FORCED: broker stopping, or close_connection */
       return "connection";
+    case 404: /* NOT_FOUND: the exchange a request was sent to */
+      return "no_route";
     default:
       return "broker";
   }
@@ -103,7 +110,8 @@ static int classify_reply(struct rpc_conn *c, const char *what, amqp_rpc_reply_t
       code = m->reply_code;
       text = m->reply_text;
     }
-    return conn_lost(c, kind_of_code(code), "%s on %s refused by the broker: %d %.*s", what,
+    return conn_lost(c, strcmp(what, "login") == 0 ? "auth" : kind_of_close(code, text),
+                     "%s on %s refused by the broker: %d %.*s", what,
                      c->where, code, (int)text.len, (const char *)text.bytes);
   }
   return conn_lost(c, "connection", "%s on %s failed: no reply", what, c->where);
@@ -233,9 +241,8 @@ static enum conn_event broker_closed(struct rpc_conn *c, amqp_method_t *method) 
     text = m->reply_text;
     amqp_send_method(c->amqp, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
   }
-  const char *kind = code == 404 ? "no_route" : kind_of_code(code);
-  conn_lost(c, code == 320 ? "connection" : kind, "%s closed by the broker: %d %.*s", c->where,
-            code, (int)text.len, (const char *)text.bytes);
+  conn_lost(c, kind_of_close(code, text), "%s closed by the broker: %d %.*s", c->where, code,
+            (int)text.len, (const char *)text.bytes);
   return EV_FAILED;
 }
 
