@@ -224,8 +224,10 @@ static amqp_bytes_t short_string(lua_State *L, const char *key, const char *def)
   return b;
 }
 
-/* Reads callopts (argument 4) into props, exchange and routing key. */
-static void read_call_options(lua_State *L, struct rpc_client *c, amqp_basic_properties_t *p,
+/* Reads callopts (argument 4) into props, exchange and routing key; headers are built in
+ * pool, or only checked when there is none. */
+static void read_call_options(lua_State *L, struct rpc_client *c, amqp_pool_t *pool,
+                              amqp_basic_properties_t *p,
                               amqp_bytes_t *exchange, amqp_bytes_t *routing_key) {
   *exchange = amqp_empty_bytes;
   *routing_key = amqp_cstring_bytes(c->queue);
@@ -251,7 +253,7 @@ static void read_call_options(lua_State *L, struct rpc_client *c, amqp_basic_pro
     if (!lua_istable(L, -1))
       luaL_argerror(L, 4, lua_pushfstring(L, "option 'headers' must be a table, got %s",
                                           luaL_typename(L, -1)));
-    table_from_lua(L, lua_gettop(L), 4, &c->pool, &p->headers);  /* strings stay in callopts */
+    table_from_lua(L, lua_gettop(L), 4, pool, &p->headers);  /* strings stay in callopts */
     p->_flags |= AMQP_BASIC_HEADERS_FLAG;
   }
   lua_pop(L, 1);
@@ -267,7 +269,7 @@ static int client_call(lua_State *L) {
   amqp_bytes_t exchange, routing_key;
   props._flags = 0;
   if (c->open) recycle_amqp_pool(&c->pool);
-  read_call_options(L, c, &props, &exchange, &routing_key);
+  read_call_options(L, c, c->open ? &c->pool : NULL, &props, &exchange, &routing_key);
   if (!c->open) return rpc_fail(L, "closed", "client closed");
   /* after a quiet spell the broker may have dropped us (missed heartbeats, a restart): read
    * first, so a dead connection is replaced before publishing rather than failing the call */

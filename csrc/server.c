@@ -184,11 +184,7 @@ static void check_arguments_table(lua_State *L, int opts) {
     if (!lua_istable(L, -1))
       luaL_argerror(L, opts, lua_pushfstring(L, "option 'arguments' must be a table, got %s",
                                              luaL_typename(L, -1)));
-    amqp_pool_t pool;
-    amqp_table_t t;
-    init_amqp_pool(&pool, 1024);
-    table_from_lua(L, lua_gettop(L), opts, &pool, &t);  /* raises on a bad entry */
-    empty_amqp_pool(&pool);
+    table_from_lua(L, lua_gettop(L), opts, NULL, NULL);  /* raises on a bad entry */
   }
   lua_pop(L, 1);
 }

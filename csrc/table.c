@@ -7,7 +7,7 @@
 #define MAX_DEPTH 16     /* 0.11 decodes tables of any depth; we never recurse past this */
 #define MAX_KEY 255      /* a field name is a shortstr */
 
-static int value_from_lua(lua_State *L, amqp_field_value_t *v) {
+static void value_from_lua(lua_State *L, amqp_field_value_t *v) {
   switch (lua_type(L, -1)) {
     case LUA_TSTRING: {
       size_t len;
@@ -15,7 +15,7 @@ static int value_from_lua(lua_State *L, amqp_field_value_t *v) {
       v->kind = AMQP_FIELD_KIND_UTF8;  /* a longstr: any bytes */
       v->value.bytes.len = len;
       v->value.bytes.bytes = (void *)s;  /* the caller's table keeps it alive until publish */
-      return 1;
+      break;
     }
     case LUA_TNUMBER:
       if (lua_isinteger(L, -1)) {
@@ -25,43 +25,52 @@ static int value_from_lua(lua_State *L, amqp_field_value_t *v) {
         v->kind = AMQP_FIELD_KIND_F64;
         v->value.f64 = lua_tonumber(L, -1);
       }
-      return 1;
+      break;
     case LUA_TBOOLEAN:
       v->kind = AMQP_FIELD_KIND_BOOLEAN;
       v->value.boolean = lua_toboolean(L, -1);
-      return 1;
+      break;
     default:
-      return 0;
+      break;  /* check_entry let nothing else through */
   }
 }
 
+/* Raises a bad argument naming argn unless the entry on top of the stack (key at -2) is a
+ * string key up to 255 bytes with a string, number or boolean value. */
+static void check_entry(lua_State *L, int argn) {
+  if (lua_type(L, -2) != LUA_TSTRING)
+    luaL_argerror(L, argn, lua_pushfstring(L, "header keys must be strings, got %s",
+                                           luaL_typename(L, -2)));
+  if (lua_rawlen(L, -2) > MAX_KEY) luaL_argerror(L, argn, "header key longer than 255 bytes");
+  int t = lua_type(L, -1);
+  if (t != LUA_TSTRING && t != LUA_TNUMBER && t != LUA_TBOOLEAN)
+    luaL_argerror(L, argn, lua_pushfstring(L, "header '%s' must be a string, number or boolean, got %s",
+                                           lua_tostring(L, -2), luaL_typename(L, -1)));
+}
+
 /* Converts the flat table at idx (string keys; string, number or boolean values) into out,
- * allocating from pool. Raises a bad argument naming argn on anything else. */
+ * allocating from pool; with no pool it only checks. Every entry is checked before anything
+ * is allocated, so a bad one raises (naming argument argn) with nothing to undo. The strings
+ * are borrowed: the table must outlive out. */
 void table_from_lua(lua_State *L, int idx, int argn, amqp_pool_t *pool, amqp_table_t *out) {
   int n = 0;
   lua_pushnil(L);
   while (lua_next(L, idx)) {
+    check_entry(L, argn);
     lua_pop(L, 1);
     n++;
   }
+  if (!pool) return;
   out->num_entries = 0;
   out->entries = n ? amqp_pool_alloc(pool, sizeof(amqp_table_entry_t) * (size_t)n) : NULL;
   if (n && !out->entries) luaL_error(L, "not enough memory");
   lua_pushnil(L);
   while (lua_next(L, idx)) {
-    if (lua_type(L, -2) != LUA_TSTRING)
-      luaL_argerror(L, argn, lua_pushfstring(L, "header keys must be strings, got %s",
-                                             luaL_typename(L, -2)));
+    amqp_table_entry_t *e = &out->entries[out->num_entries++];
     size_t klen;
-    const char *key = lua_tolstring(L, -2, &klen);
-    if (klen > MAX_KEY) luaL_argerror(L, argn, "header key longer than 255 bytes");
-    amqp_table_entry_t *e = &out->entries[out->num_entries];
-    if (!value_from_lua(L, &e->value))
-      luaL_argerror(L, argn, lua_pushfstring(L, "header '%s' must be a string, number or boolean, got %s",
-                                             key, luaL_typename(L, -1)));
+    e->key.bytes = (void *)lua_tolstring(L, -2, &klen);
     e->key.len = klen;
-    e->key.bytes = (void *)key;
-    out->num_entries++;
+    value_from_lua(L, &e->value);
     lua_pop(L, 1);
   }
 }
