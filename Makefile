@@ -20,7 +20,7 @@ BUSTED = $(LUA) /usr/bin/busted
 SRC = $(wildcard csrc/*.c)
 MODULE = build/rpc/core.so
 
-.PHONY: all deps test demo bench check memcheck broker-start broker-stop clean
+.PHONY: all deps test demo check memcheck broker-start broker-stop clean
 
 all: $(MODULE)
 

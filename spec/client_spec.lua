@@ -146,6 +146,27 @@ describe("client:call", function()
     assert.equal(2, stats.calls)
   end)
 
+  it("discards replies with a foreign, malformed or missing correlation id and counts them", function()
+    local T = H.scope(finally)
+    local queue, reply_queue = H.queue("foreign"), H.queue("replies")
+    T:server(queue, function(body) return "own:" .. body end)
+    local client = T:client(queue, {reply_to = reply_queue})
+    H.amqp {  -- junk already waiting in the reply queue before the call
+      {op = "publish", routing_key = reply_queue, body = "foreign",
+       properties = {correlation_id = "0b5a4f2e-8a64-4c59-9d6e-1f0c1a2b3c4d"}},
+      {op = "publish", routing_key = reply_queue, body = "malformed",
+       properties = {correlation_id = "not-a-uuid"}},
+      {op = "publish", routing_key = reply_queue, body = "missing"},
+    }
+    H.wait_until(function()
+      return (H.amqp1 {op = "count", queue = reply_queue}).messages == 0
+    end, 5, "the client to take the junk off its reply queue")
+    assert.equal("own:x", client:call("x", 5))
+    local stats = client:stats()
+    assert.equal(3, stats.discarded)
+    assert.equal(1, stats.replies)
+  end)
+
   it("fails with 'no_route' at once when nothing is bound to the routing key", function()
     local T = H.scope(finally)
     local client = T:client(H.queue("undeclared"))
