@@ -311,20 +311,15 @@ static int client_close(lua_State *L) {
   return 0;
 }
 
-static void set_count(lua_State *L, const char *name, lua_Integer n) {
-  lua_pushinteger(L, n);
-  lua_setfield(L, -2, name);
-}
-
 static int client_stats(lua_State *L) {
   struct rpc_client *c = check_client(L);
   lua_createtable(L, 0, 6);
-  set_count(L, "calls", c->stats.calls);
-  set_count(L, "replies", c->stats.replies);
-  set_count(L, "timeouts", c->stats.timeouts);
-  set_count(L, "remote_errors", c->stats.remote_errors);
-  set_count(L, "no_route", c->stats.no_route);
-  set_count(L, "discarded", c->stats.discarded);
+  rpc_set_count(L, "calls", c->stats.calls);
+  rpc_set_count(L, "replies", c->stats.replies);
+  rpc_set_count(L, "timeouts", c->stats.timeouts);
+  rpc_set_count(L, "remote_errors", c->stats.remote_errors);
+  rpc_set_count(L, "no_route", c->stats.no_route);
+  rpc_set_count(L, "discarded", c->stats.discarded);
   return 1;
 }
 
@@ -345,16 +340,10 @@ static const luaL_Reg client_methods[] = {
 static const luaL_Reg client_meta[] = {{"__gc", client_close},
                                        {"__close", client_close},
                                        {"__tostring", client_tostring},
-                                       {"__index", NULL},
                                        {NULL, NULL}};
 
 int rpc_client_open(lua_State *L) {
-  luaL_newmetatable(L, CLIENT_MT);
-  luaL_setfuncs(L, client_meta, 0);
-  luaL_newlibtable(L, client_methods);
-  luaL_setfuncs(L, client_methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
+  rpc_new_type(L, CLIENT_MT, client_meta, client_methods);
   lua_pushcfunction(L, client_new);
   lua_setfield(L, -2, "client");
   return 0;

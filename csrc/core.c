@@ -17,6 +17,21 @@ double rpc_now(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* A metatable with its metamethods, and the methods as its __index (liolib's createmeta). */
+void rpc_new_type(lua_State *L, const char *name, const luaL_Reg *meta, const luaL_Reg *methods) {
+  luaL_newmetatable(L, name);
+  luaL_setfuncs(L, meta, 0);
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+}
+
+void rpc_set_count(lua_State *L, const char *name, lua_Integer n) {
+  lua_pushinteger(L, n);
+  lua_setfield(L, -2, name);
+}
+
 int luaopen_rpc_core(lua_State *L) {
   lua_newtable(L);
   rpc_client_open(L);

@@ -23,6 +23,8 @@
 /* Pushes nil, message, kind and returns 3: the one way runtime failures reach Lua. */
 int rpc_fail(lua_State *L, const char *kind, const char *message);
 double rpc_now(void);   /* monotonic seconds */
+void rpc_new_type(lua_State *L, const char *name, const luaL_Reg *meta, const luaL_Reg *methods);
+void rpc_set_count(lua_State *L, const char *name, lua_Integer n);  /* t[name] = n, t on top */
 
 /* ---- options (options.c) ---- */
 void opts_check_keys(lua_State *L, int idx, const char *const allowed[]);

@@ -311,14 +311,10 @@ static int server_close_method(lua_State *L) {
 static int server_stats(lua_State *L) {
   struct rpc_server *s = check_server(L, 1);
   lua_createtable(L, 0, 5);
-  lua_pushinteger(L, s->stats.requests);
-  lua_setfield(L, -2, "requests");
-  lua_pushinteger(L, s->stats.replies);
-  lua_setfield(L, -2, "replies");
-  lua_pushinteger(L, s->stats.errors);
-  lua_setfield(L, -2, "errors");
-  lua_pushinteger(L, s->stats.no_reply_to);
-  lua_setfield(L, -2, "no_reply_to");
+  rpc_set_count(L, "requests", s->stats.requests);
+  rpc_set_count(L, "replies", s->stats.replies);
+  rpc_set_count(L, "errors", s->stats.errors);
+  rpc_set_count(L, "no_reply_to", s->stats.no_reply_to);
   lua_getiuservalue(L, 1, UV_LAST_ERROR);
   lua_setfield(L, -2, "last_error");
   return 1;
@@ -349,16 +345,10 @@ static const luaL_Reg server_methods[] = {
 static const luaL_Reg server_meta[] = {{"__gc", server_close_method},
                                        {"__close", server_close_method},
                                        {"__tostring", server_tostring},
-                                       {"__index", NULL},
                                        {NULL, NULL}};
 
 int rpc_server_open(lua_State *L) {
-  luaL_newmetatable(L, SERVER_MT);
-  luaL_setfuncs(L, server_meta, 0);
-  luaL_newlibtable(L, server_methods);
-  luaL_setfuncs(L, server_methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
+  rpc_new_type(L, SERVER_MT, server_meta, server_methods);
   lua_pushcfunction(L, server_new);
   lua_setfield(L, -2, "server");
   lua_pushcfunction(L, serve);

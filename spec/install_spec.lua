@@ -1,4 +1,6 @@
 -- The rock builds offline with luarocks and works from the tree it was installed into.
+local H = require "support.helpers"
+
 describe("luarocks make", function()
   it("installs into a temporary tree from which require 'rpc' loads and calls #slow", function()
     local tree = os.tmpname()
@@ -21,8 +23,8 @@ describe("luarocks make", function()
       print(package.searchpath("rpc.core", package.cpath))
       print(assert(c:call("ok", 5)))
     ]]
-    local child = ("LUA_PATH='%s/share/lua/5.4/?.lua' LUA_CPATH='%s/lib/lua/5.4/?.so' lua5.4 -e '%s' 2>&1")
-      :format(tree, tree, code:gsub("'", [['\'']]))
+    local child = ("RPC_URL=%s LUA_PATH='%s/share/lua/5.4/?.lua' LUA_CPATH='%s/lib/lua/5.4/?.so' lua5.4 -e %s 2>&1")
+      :format(H.quote(H.URL), tree, tree, H.quote(code))
     local out = io.popen(child):read("a")
     assert.matches(tree .. "/lib/lua/5.4/rpc/core.so", out, 1, true)
     assert.matches("from the tree: ok", out, 1, true)
