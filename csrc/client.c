@@ -9,6 +9,7 @@
 #include "rpc.h"
 
 #define CLIENT_MT "rpc.client"
+#define UV_OUTCOMES 1  /* a table: replies kept for a later wait, by luaL_ref */
 
 enum reply_mode { REPLY_DIRECT, REPLY_EXCLUSIVE, REPLY_NAMED };
 
@@ -69,9 +70,11 @@ static int client_new(lua_State *L) {
   const char *reply_to = opts_string(L, 2, "reply_to", "direct", &rlen);
   luaL_argcheck(L, rlen > 0 && rlen < 256, 2, "option 'reply_to' must be 1 to 255 bytes");
 
-  struct rpc_client *c = lua_newuserdatauv(L, sizeof *c, 0);
+  struct rpc_client *c = lua_newuserdatauv(L, sizeof *c, 1);
   memset(c, 0, sizeof *c);
   luaL_setmetatable(L, CLIENT_MT);
+  lua_newtable(L);
+  lua_setiuservalue(L, -2, UV_OUTCOMES);
   init_amqp_pool(&c->pool, 4096);
   c->open = 1;  /* from here on, close (and so __gc) frees whatever is acquired */
   conn_init(L, &c->conn, 2);
@@ -101,108 +104,131 @@ static int correlation_of(const amqp_basic_properties_t *p, unsigned char id[16]
   return uuid_parse(text, id) == 0;
 }
 
-struct outcome {
-  enum call_state state;
-  const char *kind;
-  const char *data;
-  size_t len;
-  char text[512];
-};
+/* Keeps an outcome for a call whose waiter is not reading now: one Lua string, referenced
+ * from the client's outcomes table until its wait takes it. */
+static void keep(lua_State *L, int idx, struct rpc_call *call, enum call_state state,
+                 const char *kind, const char *data, size_t len) {
+  lua_getiuservalue(L, idx, UV_OUTCOMES);
+  lua_pushlstring(L, data, len);
+  call->ref = luaL_ref(L, -2);
+  lua_pop(L, 1);
+  call->state = state;
+  call->kind = kind;
+}
 
-/* What a reply or a returned request means for its call. */
-static void read_outcome(struct rpc_client *c, enum conn_event ev, struct outcome *o) {
-  const struct rpc_message *m = &c->conn.msg;
-  size_t len;
-  const char *error = conn_header(m->props, RPC_ERROR_HEADER, &len);
-  if (ev == EV_RETURN) {
-    const amqp_basic_return_t *r = &m->returned;
-    snprintf(o->text, sizeof o->text,
-             "no route: nothing is bound to routing key '%.*s' on exchange '%.*s' (%d %.*s)",
-             (int)r->routing_key.len, (const char *)r->routing_key.bytes, (int)r->exchange.len,
-             (const char *)r->exchange.bytes, r->reply_code, (int)r->reply_text.len,
-             (const char *)r->reply_text.bytes);
-    o->state = CALL_FAILED;
-    o->kind = "no_route";
-    o->data = o->text;
-    o->len = strlen(o->text);
-    c->stats.no_route++;
-  } else {
-    o->state = error ? CALL_FAILED : CALL_REPLIED;
-    o->kind = error ? "remote" : NULL;
-    o->data = error ? error : m->body;
-    o->len = error ? len : m->size;
-    c->stats.replies++;
-    if (error) c->stats.remote_errors++;
+static void fail_all(lua_State *L, struct rpc_client *c, int idx) {
+  for (size_t i = 0; i < c->pending.cap; i++) {
+    struct rpc_call *call = &c->pending.slots[i];
+    if (call->used && call->state == CALL_WAITING)
+      keep(L, idx, call, CALL_FAILED, c->conn.error_kind, c->conn.error, strlen(c->conn.error));
   }
 }
 
-static int push_outcome(lua_State *L, enum call_state state, const char *kind, const char *data,
-                        size_t len) {
-  if (state == CALL_REPLIED) {
-    lua_pushlstring(L, data, len);
-    return 1;
-  }
-  lua_pushnil(L);
-  lua_pushlstring(L, data, len);
+/* Pushes a settled call's result (reply, or nil, message, kind) and forgets the call. */
+static int take(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
+  enum call_state state = call->state;
+  const char *kind = call->kind;
+  int ref = call->ref;
+  pending_remove(&c->pending, call);
+  if (state == CALL_FAILED) lua_pushnil(L);
+  lua_getiuservalue(L, idx, UV_OUTCOMES);
+  lua_rawgeti(L, -1, ref);
+  luaL_unref(L, -2, ref);
+  lua_remove(L, -2);
+  if (state == CALL_REPLIED) return 1;
   lua_pushstring(L, kind);
   return 3;
 }
 
-/* Settles the call a message answers. Pushes the result and returns its count if that call is
- * target; a reply for another pending call is kept for it; any other is discarded. */
-static int settle(lua_State *L, struct rpc_client *c, enum conn_event ev, const unsigned char *target) {
+static int push_result(lua_State *L, enum call_state state, const char *kind, const char *data,
+                       size_t len) {
+  if (state == CALL_FAILED) lua_pushnil(L);
+  lua_pushlstring(L, data, len);
+  if (state == CALL_REPLIED) return 1;
+  lua_pushstring(L, kind);
+  return 3;
+}
+
+/* Settles the call the message in hand answers. If it is target, pushes the result straight
+ * from the frame (the one copy of the body) and returns its count; a reply for another
+ * pending call is kept for its wait; any other is discarded and counted. */
+static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event ev,
+                  const unsigned char *target) {
+  const struct rpc_message *m = &c->conn.msg;
   unsigned char id[16];
   struct rpc_call *call;
-  if (!correlation_of(c->conn.msg.props, id) || !(call = pending_find(&c->pending, id)) ||
+  if (!correlation_of(m->props, id) || !(call = pending_find(&c->pending, id)) ||
       call->state != CALL_WAITING) {
     c->stats.discarded++;  /* late, duplicated, foreign or missing id */
     return 0;
   }
-  struct outcome o;
-  read_outcome(c, ev, &o);
-  if (memcmp(id, target, 16) == 0) {
-    int n = push_outcome(L, o.state, o.kind, o.data, o.len);
-    pending_remove(&c->pending, call);
-    return n;
+  char text[512];
+  size_t len = 0;
+  const char *data, *kind = NULL;
+  enum call_state state = CALL_FAILED;
+  if (ev == EV_RETURN) {
+    const amqp_basic_return_t *r = &m->returned;
+    snprintf(text, sizeof text,
+             "no route: nothing is bound to routing key '%.*s' on exchange '%.*s' (%d %.*s)",
+             (int)r->routing_key.len, (const char *)r->routing_key.bytes, (int)r->exchange.len,
+             (const char *)r->exchange.bytes, r->reply_code, (int)r->reply_text.len,
+             (const char *)r->reply_text.bytes);
+    data = text;
+    len = strlen(text);
+    kind = "no_route";
+    c->stats.no_route++;
+  } else if ((data = conn_header(m->props, RPC_ERROR_HEADER, &len))) {
+    kind = "remote";
+    c->stats.replies++;
+    c->stats.remote_errors++;
+  } else {
+    state = CALL_REPLIED;
+    data = m->body;
+    len = m->size;
+    c->stats.replies++;
   }
-  if (pending_settle(call, o.state, o.kind, o.data, o.len)) luaL_error(L, "not enough memory");
+  if (memcmp(id, target, 16) == 0) {
+    pending_remove(&c->pending, call);
+    return push_result(L, state, kind, data, len);
+  }
+  keep(L, idx, call, state, kind, data, len);
   return 0;
 }
 
 /* Reads what the broker has sent, never waiting. Returns the target's result count, or 0. */
-static int read_replies(lua_State *L, struct rpc_client *c, const unsigned char *target) {
+static int read_replies(lua_State *L, struct rpc_client *c, int idx, const unsigned char *target) {
   for (;;) {
     enum conn_event ev = conn_pump(&c->conn);
     if (ev == EV_NONE) return 0;
     if (ev == EV_CANCELLED) conn_lost(&c->conn, "connection", "the broker cancelled the reply consumer");
     if (ev == EV_FAILED || ev == EV_CANCELLED) {
-      pending_fail_all(&c->pending, c->conn.error_kind, c->conn.error);
+      fail_all(L, c, idx);
       return 0;
     }
-    int n = settle(L, c, ev, target);
+    int n = settle(L, c, idx, ev, target);
     conn_release_message(&c->conn);
     if (n) return n;
   }
 }
 
-static int wait_for(lua_State *L, struct rpc_client *c, const unsigned char *id, double deadline,
-                    double timeout) {
+/* Waits for call id until deadline, serving this Lua state's servers meanwhile. */
+static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned char *id,
+                    double deadline) {
   for (;;) {
     if (!c->open) return rpc_fail(L, "closed", "client closed while waiting for a reply");
     struct rpc_call *call = pending_find(&c->pending, id);
-    if (call->state != CALL_WAITING) {  /* settled while a nested handler was reading */
-      int n = push_outcome(L, call->state, call->kind, call->data, call->len);
-      pending_remove(&c->pending, call);
-      return n;
-    }
-    int n = read_replies(L, c, id);
+    if (call->state != CALL_WAITING) return take(L, c, idx, call);  /* settled meanwhile */
+    int n = read_replies(L, c, idx, id);
     if (n) return n;
-    if (pending_find(&c->pending, id)->state != CALL_WAITING) continue;
-    if (rpc_now() >= deadline) {
-      pending_remove(&c->pending, pending_find(&c->pending, id));
+    call = pending_find(&c->pending, id);
+    if (call->state != CALL_WAITING) continue;
+    double now = rpc_now();
+    if (now >= deadline) {
+      double seconds = call->timeout;
+      pending_remove(&c->pending, call);
       c->stats.timeouts++;
       lua_pushnil(L);
-      lua_pushfstring(L, "no reply from queue '%s' within %f s", c->queue, timeout);
+      lua_pushfstring(L, "no reply from queue '%s' within %f s", c->queue, seconds);
       lua_pushliteral(L, "timeout");
       return 3;
     }
@@ -212,51 +238,98 @@ static int wait_for(lua_State *L, struct rpc_client *c, const unsigned char *id,
 
 /* ---- publishing ---- */
 
+struct request {  /* what each request of one call, send or call_all carries */
+  amqp_basic_properties_t props;
+  amqp_bytes_t exchange, routing_key;
+  double timeout;
+};
+
 static const char *const call_options[] = {"content_type", "headers", "persistent", "priority",
                                            "exchange", "routing_key", NULL};
+static const char *const send_options[] = {"content_type", "headers", "persistent", "priority",
+                                           "exchange", "routing_key", "timeout", NULL};
 
-static amqp_bytes_t short_string(lua_State *L, const char *key, const char *def) {
+static amqp_bytes_t short_string(lua_State *L, int arg, const char *key, const char *def) {
   size_t len;
-  const char *s = opts_string(L, 4, key, def, &len);
+  const char *s = opts_string(L, arg, key, def, &len);
   if (len > 255)
-    luaL_argerror(L, 4, lua_pushfstring(L, "option '%s' longer than 255 bytes", key));
+    luaL_argerror(L, arg, lua_pushfstring(L, "option '%s' longer than 255 bytes", key));
   amqp_bytes_t b = {len, (void *)s};
   return b;
 }
 
-/* Reads callopts (argument 4) into props, exchange and routing key; headers are built in
- * pool, or only checked when there is none. */
-static void read_call_options(lua_State *L, struct rpc_client *c, amqp_pool_t *pool,
-                              amqp_basic_properties_t *p,
-                              amqp_bytes_t *exchange, amqp_bytes_t *routing_key) {
-  *exchange = amqp_empty_bytes;
-  *routing_key = amqp_cstring_bytes(c->queue);
-  if (lua_isnoneornil(L, 4)) return;
-  opts_check_keys(L, 4, call_options);
-  amqp_bytes_t content_type = short_string(L, "content_type", NULL);
+/* Reads the options table at arg into r; headers are built in the client's pool (recycled
+ * per call), or only checked when the client is closed. */
+static void read_request(lua_State *L, struct rpc_client *c, int arg, const char *const keys[],
+                         struct request *r) {
+  amqp_basic_properties_t *p = &r->props;
+  p->_flags = 0;
+  r->exchange = amqp_empty_bytes;
+  r->routing_key = amqp_cstring_bytes(c->queue);
+  if (lua_isnoneornil(L, arg)) return;
+  opts_check_keys(L, arg, keys);
+  amqp_bytes_t content_type = short_string(L, arg, "content_type", NULL);
   if (content_type.bytes) {
     p->_flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
     p->content_type = content_type;
   }
-  if (opts_boolean(L, 4, "persistent", 0)) {
+  if (opts_boolean(L, arg, "persistent", 0)) {
     p->_flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
     p->delivery_mode = 2;
   }
-  lua_Integer priority = opts_integer(L, 4, "priority", -1, 0, 255);
+  lua_Integer priority = opts_integer(L, arg, "priority", -1, 0, 255);
   if (priority >= 0) {
     p->_flags |= AMQP_BASIC_PRIORITY_FLAG;
     p->priority = (uint8_t)priority;
   }
-  *exchange = short_string(L, "exchange", "");
-  *routing_key = short_string(L, "routing_key", c->queue);
-  if (lua_getfield(L, 4, "headers") != LUA_TNIL) {
+  r->exchange = short_string(L, arg, "exchange", "");
+  r->routing_key = short_string(L, arg, "routing_key", c->queue);
+  if (keys == send_options) r->timeout = opts_number(L, arg, "timeout", r->timeout, 0.001, RPC_MAX_TIMEOUT);
+  if (lua_getfield(L, arg, "headers") != LUA_TNIL) {
     if (!lua_istable(L, -1))
-      luaL_argerror(L, 4, lua_pushfstring(L, "option 'headers' must be a table, got %s",
-                                          luaL_typename(L, -1)));
-    table_from_lua(L, lua_gettop(L), 4, pool, &p->headers);  /* strings stay in callopts */
+      luaL_argerror(L, arg, lua_pushfstring(L, "option 'headers' must be a table, got %s",
+                                            luaL_typename(L, -1)));
+    table_from_lua(L, lua_gettop(L), arg, c->open ? &c->pool : NULL, &p->headers);
     p->_flags |= AMQP_BASIC_HEADERS_FLAG;
   }
-  lua_pop(L, 1);
+  lua_pop(L, 1);  /* the strings stay alive in the options table */
+}
+
+/* Everything a publish needs: open, and a live connection. Returns 0, or pushes a failure. */
+static int ready_to_publish(lua_State *L, struct rpc_client *c, int idx) {
+  if (!c->open) return rpc_fail(L, "closed", "client closed");
+  /* after a quiet spell the broker may have dropped us (missed heartbeats, a restart): read
+   * first, so a dead connection is replaced before publishing rather than failing the call */
+  if (c->conn.amqp && rpc_now() - c->conn.last_pumped > RPC_SLICE * 5) {
+    static const unsigned char nobody[16];  /* no random uuid is all zeros */
+    read_replies(L, c, idx, nobody);
+  }
+  if (!c->conn.amqp && client_connect(c)) return rpc_fail(L, c->conn.error_kind, c->conn.error);
+  return 0;
+}
+
+/* Publishes one request under a fresh id (its text in id_text). Returns 0, or pushes the
+ * failure and returns 3: a failed publish loses the connection, and fails every call on it. */
+static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *r,
+                   const char *body, size_t len, unsigned char id[16], char id_text[37]) {
+  char expiration[32];
+  uuid_generate_random(id);
+  uuid_unparse_lower(id, id_text);
+  snprintf(expiration, sizeof expiration, "%.0f", ceil(r->timeout * 1000));
+  r->props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG | AMQP_BASIC_EXPIRATION_FLAG;
+  r->props.correlation_id = (amqp_bytes_t){36, id_text};
+  r->props.reply_to = amqp_cstring_bytes(c->reply_to);
+  r->props.expiration = amqp_cstring_bytes(expiration);
+  struct rpc_call *call = pending_add(&c->pending, id);
+  if (!call) return luaL_error(L, "not enough memory");
+  call->timeout = r->timeout;
+  call->deadline = rpc_now() + r->timeout;
+  c->stats.calls++;
+  /* mandatory: an unroutable request comes back as basic.return and fails the call at once */
+  if (!conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props, (amqp_bytes_t){len, (void *)body}))
+    return 0;
+  fail_all(L, c, idx);
+  return take(L, c, idx, pending_find(&c->pending, id));
 }
 
 /* client:call(body [, timeout [, callopts]]) */
@@ -264,39 +337,115 @@ static int client_call(lua_State *L) {
   struct rpc_client *c = check_client(L);
   size_t len;
   const char *body = luaL_checklstring(L, 2, &len);  /* a number becomes its decimal text */
-  double timeout = opts_check_timeout(L, 3, c->timeout);
-  amqp_basic_properties_t props;
-  amqp_bytes_t exchange, routing_key;
-  props._flags = 0;
+  struct request r;
+  r.timeout = opts_check_timeout(L, 3, c->timeout);
   if (c->open) recycle_amqp_pool(&c->pool);
-  read_call_options(L, c, c->open ? &c->pool : NULL, &props, &exchange, &routing_key);
-  if (!c->open) return rpc_fail(L, "closed", "client closed");
-  /* after a quiet spell the broker may have dropped us (missed heartbeats, a restart): read
-   * first, so a dead connection is replaced before publishing rather than failing the call */
-  if (c->conn.amqp && rpc_now() - c->conn.last_pumped > RPC_SLICE * 5) {
-    static const unsigned char nobody[16];  /* no random uuid is all zeros */
-    read_replies(L, c, nobody);
-  }
-  if (!c->conn.amqp && client_connect(c)) return rpc_fail(L, c->conn.error_kind, c->conn.error);
-
+  read_request(L, c, 4, call_options, &r);
   unsigned char id[16];
-  char id_text[37], expiration[32];
-  uuid_generate_random(id);
-  uuid_unparse_lower(id, id_text);
-  snprintf(expiration, sizeof expiration, "%.0f", ceil(timeout * 1000));
-  props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG | AMQP_BASIC_EXPIRATION_FLAG;
-  props.correlation_id = (amqp_bytes_t){36, id_text};
-  props.reply_to = amqp_cstring_bytes(c->reply_to);
-  props.expiration = amqp_cstring_bytes(expiration);
+  char id_text[37];
+  int n = ready_to_publish(L, c, 1);
+  if (!n) n = publish(L, c, 1, &r, body, len, id, id_text);
+  return n ? n : wait_for(L, c, 1, id, rpc_now() + r.timeout);
+}
 
-  if (!pending_add(&c->pending, id)) return luaL_error(L, "not enough memory");
-  c->stats.calls++;
-  /* mandatory: an unroutable request comes back as basic.return and fails the call at once */
-  if (conn_publish(&c->conn, exchange, routing_key, 1, &props, (amqp_bytes_t){len, (void *)body})) {
-    pending_fail_all(&c->pending, c->conn.error_kind, c->conn.error);
-    return wait_for(L, c, id, 0, timeout);
+/* id = client:send(body [, callopts]): publishes and returns the id to wait for. */
+static int client_send(lua_State *L) {
+  struct rpc_client *c = check_client(L);
+  size_t len;
+  const char *body = luaL_checklstring(L, 2, &len);
+  struct request r;
+  r.timeout = c->timeout;
+  if (c->open) recycle_amqp_pool(&c->pool);
+  read_request(L, c, 3, send_options, &r);
+  unsigned char id[16];
+  char id_text[37];
+  int n = ready_to_publish(L, c, 1);
+  if (!n) n = publish(L, c, 1, &r, body, len, id, id_text);
+  if (n) return n;
+  lua_pushlstring(L, id_text, 36);
+  return 1;
+}
+
+/* client:wait(id [, timeout]): the reply to a send. Without a timeout, waits until the
+ * send's own timeout has passed since it was sent. */
+static int client_wait(lua_State *L) {
+  struct rpc_client *c = check_client(L);
+  size_t len;
+  const char *text = luaL_checklstring(L, 2, &len);
+  double timeout = opts_check_timeout(L, 3, 0);
+  unsigned char id[16];
+  char buf[37];
+  luaL_argcheck(L, len == 36, 2, "not an id returned by send");
+  memcpy(buf, text, 37);
+  luaL_argcheck(L, uuid_parse(buf, id) == 0, 2, "not an id returned by send");
+  if (!c->open) return rpc_fail(L, "closed", "client closed");
+  struct rpc_call *call = pending_find(&c->pending, id);
+  luaL_argcheck(L, call, 2, "unknown id (already waited for, or not sent by this client)");
+  luaL_argcheck(L, !call->waited, 2, "this id is already being waited for");
+  call->waited = 1;
+  if (timeout > 0) call->timeout = timeout;
+  return wait_for(L, c, 1, id, timeout > 0 ? rpc_now() + timeout : call->deadline);
+}
+
+/* Forgets calls ids[from..n): their replies, if any come, are discarded and counted. */
+static void abandon(lua_State *L, struct rpc_client *c, const unsigned char (*ids)[16], lua_Integer from,
+                    lua_Integer n) {
+  for (lua_Integer i = from; i < n && c->open; i++) {
+    struct rpc_call *call = pending_find(&c->pending, ids[i]);
+    if (!call) continue;
+    if (call->ref != LUA_NOREF) {
+      lua_getiuservalue(L, 1, UV_OUTCOMES);
+      luaL_unref(L, -1, call->ref);
+      lua_pop(L, 1);
+    }
+    pending_remove(&c->pending, call);
   }
-  return wait_for(L, c, id, rpc_now() + timeout, timeout);
+}
+
+/* replies = client:call_all(bodies [, timeout [, callopts]]): all requests in flight at once,
+ * the replies in order; the first failure ends it with nil, "request i of n: ...", kind. */
+static int client_call_all(lua_State *L) {
+  struct rpc_client *c = check_client(L);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, 2);
+  for (lua_Integer i = 1; i <= n; i++) {
+    int t = lua_rawgeti(L, 2, i);
+    if (t != LUA_TSTRING && t != LUA_TNUMBER)
+      luaL_argerror(L, 2, lua_pushfstring(L, "bodies[%I] must be a string or number, got %s", i,
+                                          luaL_typename(L, -1)));
+    lua_pop(L, 1);
+  }
+  struct request r;
+  r.timeout = opts_check_timeout(L, 3, c->timeout);
+  if (c->open) recycle_amqp_pool(&c->pool);
+  read_request(L, c, 4, call_options, &r);
+  int failed = ready_to_publish(L, c, 1);
+  if (failed) return failed;
+  unsigned char (*ids)[16] = lua_newuserdatauv(L, sizeof *ids * (size_t)(n ? n : 1), 0);
+  char id_text[37];
+  double deadline = rpc_now() + r.timeout;
+  lua_Integer i;
+  for (i = 0; i < n && !failed; i++) {
+    lua_rawgeti(L, 2, i + 1);
+    size_t len;
+    const char *body = lua_tolstring(L, -1, &len);
+    failed = publish(L, c, 1, &r, body, len, ids[i], id_text);
+    if (!failed) lua_pop(L, 1);
+  }
+  lua_Integer sent = i, waited = 0;
+  if (!failed) {
+    lua_createtable(L, (int)n, 0);
+    for (i = 0; i < n && !failed; i++) {
+      failed = wait_for(L, c, 1, ids[i], deadline) != 1;
+      if (!failed) lua_rawseti(L, -2, i + 1);
+    }
+    waited = i;
+  }
+  if (!failed) return 1;
+  abandon(L, c, (const unsigned char (*)[16])ids, waited, sent);
+  lua_pushfstring(L, "request %I of %I: %s", i, n, lua_tostring(L, -2));
+  lua_replace(L, -3);
+  return 3;
 }
 
 /* ---- the rest ---- */
@@ -306,6 +455,8 @@ static int client_close(lua_State *L) {
   if (!c->open) return 0;
   c->open = 0;
   pending_free(&c->pending);
+  lua_pushnil(L);  /* kept replies go with it */
+  lua_setiuservalue(L, 1, UV_OUTCOMES);
   conn_free(&c->conn);
   empty_amqp_pool(&c->pool);
   return 0;
@@ -335,7 +486,9 @@ static int client_tostring(lua_State *L) {
 }
 
 static const luaL_Reg client_methods[] = {
-    {"call", client_call}, {"close", client_close}, {"stats", client_stats}, {NULL, NULL}};
+    {"call", client_call},   {"send", client_send},   {"wait", client_wait},
+    {"call_all", client_call_all}, {"close", client_close}, {"stats", client_stats},
+    {NULL, NULL}};
 
 static const luaL_Reg client_meta[] = {{"__gc", client_close},
                                        {"__close", client_close},

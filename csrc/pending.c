@@ -38,6 +38,7 @@ struct rpc_call *pending_add(struct rpc_pending *p, const unsigned char id[16]) 
   memcpy(call->id, id, 16);
   call->used = 1;
   call->state = CALL_WAITING;
+  call->ref = LUA_NOREF;
   p->count++;
   return call;
 }
@@ -52,7 +53,6 @@ struct rpc_call *pending_find(struct rpc_pending *p, const unsigned char id[16])
 /* Backward-shift deletion keeps every probe chain unbroken without tombstones. */
 void pending_remove(struct rpc_pending *p, struct rpc_call *call) {
   size_t mask = p->cap - 1, hole = (size_t)(call - p->slots);
-  free(call->data);
   call->used = 0;
   p->count--;
   for (size_t i = (hole + 1) & mask; p->slots[i].used; i = (i + 1) & mask) {
@@ -66,29 +66,7 @@ void pending_remove(struct rpc_pending *p, struct rpc_call *call) {
   }
 }
 
-/* Keeps an outcome for a caller that is not the one reading it now. Returns -1 on no memory. */
-int pending_settle(struct rpc_call *call, enum call_state state, const char *kind, const char *data,
-                   size_t len) {
-  char *copy = malloc(len ? len : 1);
-  if (!copy) return -1;
-  if (len) memcpy(copy, data, len);
-  free(call->data);
-  call->data = copy;
-  call->len = len;
-  call->state = state;
-  call->kind = kind;
-  return 0;
-}
-
-void pending_fail_all(struct rpc_pending *p, const char *kind, const char *message) {
-  for (size_t i = 0; i < p->cap; i++)
-    if (p->slots[i].used && p->slots[i].state == CALL_WAITING)
-      pending_settle(&p->slots[i], CALL_FAILED, kind, message, strlen(message));
-}
-
 void pending_free(struct rpc_pending *p) {
-  for (size_t i = 0; i < p->cap; i++)
-    if (p->slots[i].used) free(p->slots[i].data);
   free(p->slots);
   p->slots = NULL;
   p->cap = p->count = 0;

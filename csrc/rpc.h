@@ -84,7 +84,7 @@ const char *conn_header(const amqp_basic_properties_t *p, const char *key, size_
 void table_from_lua(lua_State *L, int idx, int argn, amqp_pool_t *pool, amqp_table_t *out);
 void table_push(lua_State *L, const amqp_table_t *t);
 
-/* ---- pending calls (pending.c): correlation id -> outcome ---- */
+/* ---- pending calls (pending.c): correlation id -> call ---- */
 enum call_state { CALL_WAITING, CALL_REPLIED, CALL_FAILED };
 
 struct rpc_call {
@@ -92,8 +92,9 @@ struct rpc_call {
   int used;
   enum call_state state;
   const char *kind;             /* CALL_FAILED only */
-  char *data;                   /* the reply or the failure message, kept for its waiter */
-  size_t len;
+  int ref;                      /* the reply or failure text, kept for its waiter (LUA_NOREF) */
+  int waited;                   /* a wait() is under way on it */
+  double timeout, deadline;     /* of send(): wait()'s defaults; the timeout is for messages */
 };
 
 struct rpc_pending {
@@ -101,12 +102,10 @@ struct rpc_pending {
   size_t cap, count;
 };
 
+/* Slot pointers move when the table grows or shrinks: look calls up again after either. */
 struct rpc_call *pending_add(struct rpc_pending *p, const unsigned char id[16]);
 struct rpc_call *pending_find(struct rpc_pending *p, const unsigned char id[16]);
 void pending_remove(struct rpc_pending *p, struct rpc_call *call);
-int pending_settle(struct rpc_call *call, enum call_state state, const char *kind, const char *data,
-                   size_t len);
-void pending_fail_all(struct rpc_pending *p, const char *kind, const char *message);
 void pending_free(struct rpc_pending *p);
 
 /* ---- the wait loop (loop.c): one per Lua state, serves its open servers ---- */
