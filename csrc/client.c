@@ -104,23 +104,32 @@ static int correlation_of(const amqp_basic_properties_t *p, unsigned char id[16]
   return uuid_parse(text, id) == 0;
 }
 
-/* Keeps an outcome for a call whose waiter is not reading now: one Lua string, referenced
- * from the client's outcomes table until its wait takes it. */
-static void keep(lua_State *L, int idx, struct rpc_call *call, enum call_state state,
-                 const char *kind, const char *data, size_t len) {
+/* Keeps an outcome for call id, whose waiter is not reading now: one Lua string, referenced
+ * from the client's outcomes table until its wait takes it. Allocating may run finalizers,
+ * which may close the client or add calls: the call is looked up again after. */
+static void keep(lua_State *L, struct rpc_client *c, int idx, const unsigned char id[16],
+                 enum call_state state, const char *kind, const char *data, size_t len) {
   lua_getiuservalue(L, idx, UV_OUTCOMES);
   lua_pushlstring(L, data, len);
-  call->ref = luaL_ref(L, -2);
+  int ref = luaL_ref(L, -2);
+  struct rpc_call *call = c->open ? pending_find(&c->pending, id) : NULL;
+  if (call && call->state == CALL_WAITING) {
+    call->ref = ref;
+    call->state = state;
+    call->kind = kind;
+  } else if (lua_istable(L, -1)) {
+    luaL_unref(L, -1, ref);
+  }
   lua_pop(L, 1);
-  call->state = state;
-  call->kind = kind;
 }
 
 static void fail_all(lua_State *L, struct rpc_client *c, int idx) {
-  for (size_t i = 0; i < c->pending.cap; i++) {
+  for (size_t i = 0; c->open && i < c->pending.cap; i++) {
     struct rpc_call *call = &c->pending.slots[i];
-    if (call->used && call->state == CALL_WAITING)
-      keep(L, idx, call, CALL_FAILED, c->conn.error_kind, c->conn.error, strlen(c->conn.error));
+    if (!call->used || call->state != CALL_WAITING) continue;
+    unsigned char id[16];
+    memcpy(id, call->id, 16);
+    keep(L, c, idx, id, CALL_FAILED, c->conn.error_kind, c->conn.error, strlen(c->conn.error));
   }
 }
 
@@ -191,7 +200,7 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
     pending_remove(&c->pending, call);
     return push_result(L, state, kind, data, len);
   }
-  keep(L, idx, call, state, kind, data, len);
+  keep(L, c, idx, id, state, kind, data, len);
   return 0;
 }
 
@@ -300,7 +309,7 @@ static int ready_to_publish(lua_State *L, struct rpc_client *c, int idx) {
   if (!c->open) return rpc_fail(L, "closed", "client closed");
   /* after a quiet spell the broker may have dropped us (missed heartbeats, a restart): read
    * first, so a dead connection is replaced before publishing rather than failing the call */
-  if (c->conn.amqp && rpc_now() - c->conn.last_pumped > RPC_SLICE * 5) {
+  if (c->conn.amqp && rpc_now() - c->conn.last_pumped > RPC_HEARTBEAT_READ) {
     static const unsigned char nobody[16];  /* no random uuid is all zeros */
     read_replies(L, c, idx, nobody);
   }

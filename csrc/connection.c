@@ -148,8 +148,20 @@ int conn_open(struct rpc_conn *c) {
   struct timeval tv = timeval_of(c->connect_timeout);
   amqp_set_handshake_timeout(c->amqp, &tv);
   amqp_set_rpc_timeout(c->amqp, &tv);  /* bounds declare/consume/close; never hang on a mute peer */
-  amqp_rpc_reply_t login = amqp_login(c->amqp, c->vhost, 0, RPC_FRAME_MAX, c->heartbeat,
-                                      AMQP_SASL_METHOD_PLAIN, c->user, c->password);
+  /* 0.11 does not advertise consumer_cancel_notify: without it the broker never tells a
+   * consumer that its queue was deleted (rmqc#511); 0.11 merges this with its own list */
+  amqp_table_entry_t capability, property;
+  capability.key = amqp_cstring_bytes("consumer_cancel_notify");
+  capability.value.kind = AMQP_FIELD_KIND_BOOLEAN;
+  capability.value.value.boolean = 1;
+  property.key = amqp_cstring_bytes("capabilities");
+  property.value.kind = AMQP_FIELD_KIND_TABLE;
+  property.value.value.table.num_entries = 1;
+  property.value.value.table.entries = &capability;
+  amqp_table_t properties = {1, &property};
+  amqp_rpc_reply_t login =
+      amqp_login_with_properties(c->amqp, c->vhost, 0, RPC_FRAME_MAX, c->heartbeat, &properties,
+                                 AMQP_SASL_METHOD_PLAIN, c->user, c->password);
   if (classify_reply(c, "login", login)) {
     /* 0.11 advertises authentication_failure_close, so a refused login is a 403; a closed
      * socket during login is what older brokers do instead */
@@ -165,7 +177,11 @@ int conn_open(struct rpc_conn *c) {
 
 void conn_close(struct rpc_conn *c) {
   if (!c->amqp) return;
-  if (!c->error_kind) amqp_connection_close(c->amqp, AMQP_REPLY_SUCCESS);
+  if (!c->error_kind) {  /* polite, but never long: close runs from __gc too */
+    struct timeval brief = {1, 0};
+    amqp_set_rpc_timeout(c->amqp, &brief);
+    amqp_connection_close(c->amqp, AMQP_REPLY_SUCCESS);
+  }
   amqp_destroy_connection(c->amqp);
   c->amqp = NULL;
   conn_release_message(c);
@@ -193,12 +209,19 @@ int conn_has_input(const struct rpc_conn *c) {
   return c->amqp && (amqp_frames_enqueued(c->amqp) || amqp_data_in_buffer(c->amqp));
 }
 
+#define KEEP_BUFFER (1 << 20)  /* a larger assembly buffer goes back after its message */
+
 void conn_release_message(struct rpc_conn *c) {
   c->msg.kind = EV_NONE;
   c->msg.props = NULL;
   c->msg.body = NULL;
   c->msg.size = c->msg.received = 0;
   c->msg.header_seen = 0;
+  if (c->msg.cap > KEEP_BUFFER) {
+    free(c->msg.buf);
+    c->msg.buf = NULL;
+    c->msg.cap = 0;
+  }
   if (c->amqp) amqp_maybe_release_buffers(c->amqp);
 }
 
@@ -247,6 +270,11 @@ static enum conn_event broker_closed(struct rpc_conn *c, amqp_method_t *method) 
 }
 
 static enum conn_event on_method(struct rpc_conn *c, amqp_method_t *method) {
+  if (c->msg.kind != EV_NONE &&
+      (method->id == AMQP_BASIC_DELIVER_METHOD || method->id == AMQP_BASIC_RETURN_METHOD)) {
+    conn_lost(c, "connection", "%s sent a message before the last one was complete", c->where);
+    return EV_FAILED;
+  }
   switch (method->id) {
     case AMQP_BASIC_DELIVER_METHOD:
       c->msg.kind = EV_DELIVERY;

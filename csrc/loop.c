@@ -66,64 +66,73 @@ void loop_remove_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *
   lua_pop(L, 1);
 }
 
-/* Serves server s from the loop: its userdata comes from the anchors. */
-static int serve_one(lua_State *L, struct rpc_server *s) {
-  push_anchors(L);
-  lua_rawgetp(L, -1, s);
-  int handled = server_service(L, lua_gettop(L));
-  lua_pop(L, 2);
-  return handled;
+/* Moves s to the end of the list, so a busy server cannot starve the others. */
+static void rotate(struct rpc_loop *loop, struct rpc_server *s) {
+  struct rpc_server *prev = NULL, *it = loop->servers;
+  while (it != s) prev = it, it = server_next(it);
+  if (!server_next(s)) return;
+  if (prev) server_set_next(prev, server_next(s));
+  else loop->servers = server_next(s);
+  for (it = loop->servers; server_next(it); it = server_next(it)) continue;
+  server_set_next(it, s);
+  server_set_next(s, NULL);
 }
 
-/* Serves the first server with input already buffered. Returns 1 if it served one: handlers
- * may open or close anything, so the caller starts over rather than keep walking the list. */
+static void serve_one(lua_State *L, struct rpc_loop *loop, struct rpc_server *s) {
+  rotate(loop, s);
+  push_anchors(L);
+  lua_rawgetp(L, -1, s);
+  server_service(L, lua_gettop(L));
+  lua_pop(L, 2);
+}
+
+/* Serves the first server with input already buffered, or due a read for its heartbeats. */
 static int serve_buffered(lua_State *L, struct rpc_loop *loop, double now) {
   for (struct rpc_server *s = loop->servers; s; s = server_next(s)) {
     if (!server_servable(s)) continue;
     struct rpc_conn *c = server_conn(s);
-    if (conn_has_input(c) || now - c->last_pumped > RPC_SLICE * 5) {
-      serve_one(L, s);
+    if (conn_has_input(c) || now - c->last_pumped > RPC_HEARTBEAT_READ) {
+      serve_one(L, loop, s);
       return 1;
     }
   }
   return 0;
 }
 
+/* One turn of the loop: returns 1 when own has input (or is due a read), 0 after serving one
+ * request of another server (its handler may have settled what the caller waits for, or
+ * opened and closed anything) or after waiting until the deadline, at most RPC_SLICE. Callers
+ * turn it until they have what they wait for. */
 int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double deadline) {
-  int looked = 0;
-  for (;;) {
-    double now = rpc_now();
-    /* rabbitmq-c sends and checks heartbeats only inside its calls: have own read often */
-    if (own && (conn_has_input(own) || now - own->last_pumped > RPC_SLICE * 5)) return 1;
-    if (looked && now >= deadline) return 0;
-    if (serve_buffered(L, loop, now)) continue;
+  double now = rpc_now();
+  /* rabbitmq-c sends and checks heartbeats only inside its calls: have own read often */
+  if (own && (conn_has_input(own) || now - own->last_pumped > RPC_HEARTBEAT_READ)) return 1;
+  if (serve_buffered(L, loop, now)) return 0;
 
-    struct pollfd fds[MAX_POLLED];
-    struct rpc_server *polled[MAX_POLLED];
-    nfds_t n = 0;
-    if (own && conn_fd(own) >= 0) {
-      fds[n].fd = conn_fd(own);
-      fds[n].events = POLLIN;
-      polled[n++] = NULL;
-    }
-    for (struct rpc_server *s = loop->servers; s && n < MAX_POLLED; s = server_next(s)) {
-      if (!server_servable(s)) continue;
-      fds[n].fd = conn_fd(server_conn(s));
-      fds[n].events = POLLIN;
-      polled[n++] = s;
-    }
-    /* poll at least once, even past the deadline: bytes may wait in the socket */
-    double wait = fmax(0, fmin(deadline - now, RPC_SLICE));
-    int ready = poll(fds, n, (int)ceil(wait * 1000));
-    looked = 1;
-    if (ready < 0) return 0;  /* EINTR: let the caller look at its deadline and signals */
-    for (nfds_t i = 0; ready > 0 && i < n; i++) {
-      if (!fds[i].revents) continue;
-      if (!polled[i]) return 1;
-      serve_one(L, polled[i]);
-      break;  /* the list may have changed: poll again */
-    }
+  struct pollfd fds[MAX_POLLED];
+  struct rpc_server *polled[MAX_POLLED];
+  nfds_t n = 0;
+  if (own && conn_fd(own) >= 0) {
+    fds[n].fd = conn_fd(own);
+    fds[n].events = POLLIN;
+    polled[n++] = NULL;
   }
+  for (struct rpc_server *s = loop->servers; s && n < MAX_POLLED; s = server_next(s)) {
+    if (!server_servable(s)) continue;
+    fds[n].fd = conn_fd(server_conn(s));
+    fds[n].events = POLLIN;
+    polled[n++] = s;
+  }
+  /* poll even past the deadline: bytes may wait in the socket */
+  double wait = fmax(0, fmin(deadline - now, RPC_SLICE));
+  int ready = poll(fds, n, (int)ceil(wait * 1000));
+  for (nfds_t i = 0; ready > 0 && i < n; i++) {
+    if (!fds[i].revents) continue;
+    if (!polled[i]) return 1;
+    serve_one(L, loop, polled[i]);
+    return 0;
+  }
+  return 0;  /* nothing, or EINTR: the caller looks at its deadline and signals */
 }
 
 /* SIGINT/SIGTERM only set a flag while a server runs; run() notices within one slice. This is

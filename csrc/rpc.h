@@ -11,11 +11,13 @@
 
 #define RPC_CHANNEL 1
 #define RPC_FRAME_MAX 131072    /* rabbitmq-c 0.11 keeps 0 as "no limit": always pass it */
+#define RPC_MAX_TABLE (RPC_FRAME_MAX - 4096)  /* headers, leaving room for the other properties */
 #define RPC_DEFAULT_HEARTBEAT 60
 #define RPC_DEFAULT_CONNECT_TIMEOUT 10.0
 #define RPC_DEFAULT_CALL_TIMEOUT 30.0
 #define RPC_MAX_TIMEOUT 1e6     /* seconds; keeps expiration and deadlines far from overflow */
-#define RPC_SLICE 0.2           /* longest sleep between checks for signals and heartbeats */
+#define RPC_SLICE 0.2           /* longest sleep between checks for signals and deadlines */
+#define RPC_HEARTBEAT_READ 1.0  /* read every connection at least this often (heartbeats) */
 #define RPC_DIRECT_REPLY_TO "amq.rabbitmq.reply-to"
 #define RPC_ERROR_HEADER "x-rpc-error"
 
@@ -114,7 +116,8 @@ struct rpc_loop;
 struct rpc_loop *loop_get(lua_State *L);
 void loop_add_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *s, int idx);
 void loop_remove_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *s);
-/* Serves idle servers until own has input (1), the deadline passes or a signal arrives (0). */
+/* One turn: 1 when own has input; 0 after serving another server's request, or at the
+ * deadline (waiting at most RPC_SLICE), or on a signal. */
 int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double deadline);
 void loop_catch_signals(int on);
 int loop_signalled(void);

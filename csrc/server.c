@@ -129,24 +129,21 @@ done:
 
 static void server_close(lua_State *L, struct rpc_server *s);
 
-/* Handles every request already received by the server at idx, never waiting. */
+/* Handles at most one request already received by the server at idx, never waiting: the
+ * loop then lets every other waiter have its turn. Returns the number handled. */
 int server_service(lua_State *L, int idx) {
   struct rpc_server *s = check_server(L, idx);
   int handled = 0;
   s->busy = 1;
-  while (s->open && !s->close_pending && !s->stopping && !loop_signalled()) {
-    enum conn_event ev = conn_pump(&s->conn);
-    if (ev == EV_NONE || ev == EV_FAILED) break;
-    if (ev == EV_DELIVERY) {
-      handle_request(L, s, idx);
-      handled++;
-    } else if (ev == EV_CANCELLED) {
-      conn_lost(&s->conn, "broker", "the broker cancelled the consumer of queue '%s' (was it deleted?)",
-                s->queue);
-      break;
-    }
-    conn_release_message(&s->conn);
+  enum conn_event ev = conn_pump(&s->conn);
+  if (ev == EV_DELIVERY) {
+    handle_request(L, s, idx);
+    handled = 1;
+  } else if (ev == EV_CANCELLED) {
+    conn_lost(&s->conn, "broker", "the broker cancelled the consumer of queue '%s' (was it deleted?)",
+              s->queue);
   }
+  if (ev != EV_NONE) conn_release_message(&s->conn);  /* EV_NONE: a message may be half read */
   s->busy = 0;
   if (s->close_pending) server_close(L, s);
   return handled;
@@ -281,6 +278,7 @@ static int server_poll(lua_State *L) {
   do {
     if (loop_wait(L, s->loop, &s->conn, deadline) && s->open) server_service(L, 1);
   } while (s->open && s->conn.amqp && s->stats.requests == before && rpc_now() < deadline);
+  while (s->open && s->conn.amqp && conn_has_input(&s->conn)) server_service(L, 1);  /* the rest */
   if (!s->open || !s->conn.amqp) return closed_or_lost(L, s);
   lua_pushinteger(L, s->stats.requests - before);
   return 1;

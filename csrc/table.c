@@ -36,8 +36,8 @@ static void value_from_lua(lua_State *L, amqp_field_value_t *v) {
 }
 
 /* Raises a bad argument naming argn unless the entry on top of the stack (key at -2) is a
- * string key up to 255 bytes with a string, number or boolean value. */
-static void check_entry(lua_State *L, int argn) {
+ * string key up to 255 bytes with a string, number or boolean value. Returns its encoded size. */
+static size_t check_entry(lua_State *L, int argn) {
   if (lua_type(L, -2) != LUA_TSTRING)
     luaL_argerror(L, argn, lua_pushfstring(L, "header keys must be strings, got %s",
                                            luaL_typename(L, -2)));
@@ -46,6 +46,8 @@ static void check_entry(lua_State *L, int argn) {
   if (t != LUA_TSTRING && t != LUA_TNUMBER && t != LUA_TBOOLEAN)
     luaL_argerror(L, argn, lua_pushfstring(L, "header '%s' must be a string, number or boolean, got %s",
                                            lua_tostring(L, -2), luaL_typename(L, -1)));
+  size_t value = t == LUA_TSTRING ? 4 + lua_rawlen(L, -1) : t == LUA_TNUMBER ? 8 : 1;
+  return 1 + lua_rawlen(L, -2) + 1 + value;  /* key length, key, kind, value */
 }
 
 /* Converts the flat table at idx (string keys; string, number or boolean values) into out,
@@ -54,12 +56,18 @@ static void check_entry(lua_State *L, int argn) {
  * are borrowed: the table must outlive out. */
 void table_from_lua(lua_State *L, int idx, int argn, amqp_pool_t *pool, amqp_table_t *out) {
   int n = 0;
+  size_t size = 4;
   lua_pushnil(L);
   while (lua_next(L, idx)) {
-    check_entry(L, argn);
+    size += check_entry(L, argn);
     lua_pop(L, 1);
     n++;
   }
+  /* it must fit one header frame with the other properties: a failed encoding after the
+   * method frame went out would cost the whole connection */
+  if (size > RPC_MAX_TABLE)
+    luaL_argerror(L, argn, lua_pushfstring(L, "table too large: %I bytes encoded, at most %d",
+                                           (lua_Integer)size, RPC_MAX_TABLE));
   if (!pool) return;
   out->num_entries = 0;
   out->entries = n ? amqp_pool_alloc(pool, sizeof(amqp_table_entry_t) * (size_t)n) : NULL;

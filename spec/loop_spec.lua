@@ -1,0 +1,91 @@
+-- The wait loop shared by every client and server of a Lua state: fairness, stop, deleted
+-- queues, and re-entrancy through finalizers.
+local H = require "support.helpers"
+local rpc = require "rpc"
+
+describe("the wait loop", function()
+  teardown(H.cleanup)
+
+  it("keeps serving a stopped server for other waiters, and run() of another still returns", function()
+    local T = H.scope(finally)
+    local qa, qb = H.queue("stopped"), H.queue("runner")
+    local a = T:server(qa, function(body) return "a:" .. body end)
+    a:stop()  -- only makes a's run() return: a is still open and served
+    local b
+    b = T:server(qb, function(body)
+      b:stop()
+      return "b:" .. body
+    end)
+    local client = T:client(qa)
+    local elapsed, reply = H.timed(client.call, client, "x", 5)
+    assert.equal("a:x", reply)
+    assert.is_true(elapsed < 0.5, ("took %.3f s"):format(elapsed))
+    T:watchdog(10)
+    local caller = T:spawn {code = ("local c = assert(rpc.client(%q, {url = URL})); print(c:call('go', 5))"):format(qb)}
+    local t0 = H.now()
+    assert.is_true(b:run())
+    assert.is_true(H.now() - t0 < 5)
+    assert.equal(0, caller:wait(5))
+    assert.matches("b:go", caller:output())
+  end)
+
+  it("does not let one server's backlog hold a waiting call past its timeout", function()
+    local T = H.scope(finally)
+    local busy, quick = H.queue("backlog"), H.queue("quick")
+    T:server(busy, function() H.sleep(0.005) return "done" end, {prefetch = 200})
+    T:server(quick, function(body) return body end)
+    local flood = T:client(busy)
+    for _ = 1, 300 do flood:send("job", {timeout = 30}) end
+    H.sleep(0.3)  -- let the backlog arrive in this process's socket
+    local client = T:client(quick)
+    local elapsed, reply = H.timed(client.call, client, "me first", 1)
+    assert.equal("me first", reply)
+    assert.is_true(elapsed < 1, ("took %.3f s behind the backlog"):format(elapsed))
+  end)
+
+  it("notices a queue deleted under a running server: nil, message, 'broker'", function()
+    local T = H.scope(finally)
+    local queue = H.queue("deleted")
+    local server = T:server(queue, function(body) return body end)
+    assert.is_true(H.amqp1 {op = "delete", queue = queue}.ok)
+    local n, message, kind
+    H.wait_until(function()
+      n, message, kind = server:poll(0.2)
+      return n == nil
+    end, 5, "the server to notice")
+    assert.equal("broker", kind)
+    assert.matches(queue, message, 1, true)
+    assert.matches("cancelled", message)
+  end)
+
+  it("survives a finalizer that closes the client while replies are being kept", function()
+    local T = H.scope(finally)
+    local queue = H.queue("finalizer")
+    T:server(queue, function(body) return body end, {prefetch = 50})
+    local client = T:client(queue)
+    for round = 1, 20 do
+      local ids = {}
+      for i = 1, 20 do ids[i] = client:send(("x"):rep(1000)) end
+      setmetatable({}, {__gc = function() if round == 20 then client:close() end end})
+      collectgarbage("step", 1)
+      for i = 20, 1, -1 do
+        local reply, _, kind = client:wait(ids[i], 5)
+        if client:stats() and reply == nil then assert.equal("closed", kind) end
+        if reply == nil then break end
+      end
+      if tostring(client):find("closed") then break end
+    end
+    collectgarbage()
+    assert.equal("closed", select(3, client:call("x")))
+  end)
+
+  it("refuses headers too large for one frame with a bad argument, keeping the connection", function()
+    local T = H.scope(finally)
+    local queue = H.queue("bighdr")
+    T:server(queue, function(body) return body end)
+    local client = T:client(queue)
+    local err = H.error_of(function() client:call("x", 5, {headers = {x = ("h"):rep(140000)}}) end)
+    assert.matches("bad argument #3 to 'call' %(table too large", err)
+    assert.equal("still fine", client:call("still fine", 5))
+  end)
+end)
