@@ -1,6 +1,7 @@
 /* rpc.client: publishes requests (mandatory, reply_to, a fresh uuid correlation id, expiration)
  * and matches replies to pending calls by correlation id. */
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -220,29 +221,47 @@ static int read_replies(lua_State *L, struct rpc_client *c, int idx, const unsig
   }
 }
 
-/* Waits for call id until deadline, serving this Lua state's servers meanwhile. */
+/* Waits for call id until deadline, serving this Lua state's servers meanwhile. Ctrl-C or
+ * SIGTERM ends the wait with "interrupted", then goes on to the handler it would have met
+ * (lua.c's "interrupted!", or the default exit); inside a running server's handler they are
+ * left to run(), which finishes the request in hand first. */
 static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned char *id,
                     double deadline) {
+  int n, catching = -1, sig = 0;  /* -1: signals not caught yet */
   for (;;) {
-    if (!c->open) return rpc_fail(L, "closed", "client closed while waiting for a reply");
+    if (!c->open) {
+      n = rpc_fail(L, "closed", "client closed while waiting for a reply");
+      break;
+    }
     struct rpc_call *call = pending_find(&c->pending, id);
-    if (call->state != CALL_WAITING) return take(L, c, idx, call);  /* settled meanwhile */
-    int n = read_replies(L, c, idx, id);
-    if (n) return n;
+    if (call->state != CALL_WAITING) {  /* settled meanwhile */
+      n = take(L, c, idx, call);
+      break;
+    }
+    if ((n = read_replies(L, c, idx, id))) break;
     call = pending_find(&c->pending, id);
     if (call->state != CALL_WAITING) continue;
-    double now = rpc_now();
-    if (now >= deadline) {
+    if (rpc_now() >= deadline) {
       double seconds = call->timeout;
       pending_remove(&c->pending, call);
       c->stats.timeouts++;
       lua_pushnil(L);
       lua_pushfstring(L, "no reply from queue '%s' within %f s", c->queue, seconds);
       lua_pushliteral(L, "timeout");
-      return 3;
+      n = 3;
+      break;
+    }
+    if (catching < 0) catching = loop_catch_signals(1);  /* only once it has to wait */
+    if (catching && (sig = loop_signalled())) {
+      pending_remove(&c->pending, call);
+      n = rpc_fail(L, "interrupted", "interrupted by a signal while waiting for a reply");
+      break;
     }
     loop_wait(L, c->loop, &c->conn, deadline);
   }
+  if (catching >= 0) loop_catch_signals(0);
+  if (sig) raise(sig);
+  return n;
 }
 
 /* ---- publishing ---- */

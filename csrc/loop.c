@@ -138,17 +138,17 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
 /* SIGINT/SIGTERM only set a flag while a server runs; run() notices within one slice. This is
  * the one process-wide state: a signal handler has no Lua state to write to. Nested runs (a
  * handler that runs another server) install the handlers once. */
-static volatile sig_atomic_t signalled;
+static volatile sig_atomic_t signalled;  /* the signal's number */
 static int catching;
 static struct sigaction saved_int, saved_term;
 
 static void on_signal(int sig) {
-  (void)sig;
-  signalled = 1;
+  signalled = sig;
 }
 
-void loop_catch_signals(int on) {
-  if (on ? catching++ > 0 : --catching > 0) return;
+/* Returns 1 when this call is the outermost, the one that installs or restores handlers. */
+int loop_catch_signals(int on) {
+  if (on ? catching++ > 0 : --catching > 0) return 0;
   if (on) {
     struct sigaction sa;
     sa.sa_handler = on_signal;
@@ -160,8 +160,8 @@ void loop_catch_signals(int on) {
   } else {
     sigaction(SIGINT, &saved_int, NULL);
     sigaction(SIGTERM, &saved_term, NULL);
-    signalled = 0;
   }
+  return 1;
 }
 
 int loop_signalled(void) {

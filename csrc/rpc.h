@@ -119,7 +119,9 @@ void loop_remove_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *
 /* One turn: 1 when own has input; 0 after serving another server's request, or at the
  * deadline (waiting at most RPC_SLICE), or on a signal. */
 int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double deadline);
-void loop_catch_signals(int on);
+/* SIGINT/SIGTERM set a flag (the signal's number) while caught; nested catches install once.
+ * Returns 1 for the outermost catch or release. */
+int loop_catch_signals(int on);
 int loop_signalled(void);
 
 /* ---- servers (server.c) ---- */
