@@ -21,6 +21,8 @@ struct rpc_client {
   enum reply_mode mode;
   char reply_to[256];   /* what requests carry: the direct pseudo-queue or our queue's name */
   double timeout;
+  double expiration_of;  /* the timeout expiration was last written for */
+  char expiration[24];   /* milliseconds, as text */
   struct rpc_pending pending;
   amqp_pool_t pool;     /* per-call headers, recycled after each publish */
   int open;
@@ -98,11 +100,8 @@ static int client_new(lua_State *L) {
 /* ---- matching replies ---- */
 
 static int correlation_of(const amqp_basic_properties_t *p, unsigned char id[16]) {
-  char text[37];
-  if (!p || !(p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) || p->correlation_id.len != 36) return 0;
-  memcpy(text, p->correlation_id.bytes, 36);
-  text[36] = '\0';
-  return uuid_parse(text, id) == 0;
+  return p && (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) &&
+         pending_parse_id(p->correlation_id.bytes, p->correlation_id.len, id);
 }
 
 /* Keeps an outcome for call id, whose waiter is not reading now: one Lua string, referenced
@@ -340,14 +339,16 @@ static int ready_to_publish(lua_State *L, struct rpc_client *c, int idx) {
  * failure and returns 3: a failed publish loses the connection, and fails every call on it. */
 static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *r,
                    const char *body, size_t len, unsigned char id[16], char id_text[37]) {
-  char expiration[32];
   uuid_generate_random(id);
   uuid_unparse_lower(id, id_text);
-  snprintf(expiration, sizeof expiration, "%.0f", ceil(r->timeout * 1000));
+  if (r->timeout != c->expiration_of) {  /* printing a double costs more than the rest */
+    snprintf(c->expiration, sizeof c->expiration, "%lld", (long long)ceil(r->timeout * 1000));
+    c->expiration_of = r->timeout;
+  }
   r->props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG | AMQP_BASIC_EXPIRATION_FLAG;
   r->props.correlation_id = (amqp_bytes_t){36, id_text};
   r->props.reply_to = amqp_cstring_bytes(c->reply_to);
-  r->props.expiration = amqp_cstring_bytes(expiration);
+  r->props.expiration = amqp_cstring_bytes(c->expiration);
   struct rpc_call *call = pending_add(&c->pending, id);
   if (!call) return luaL_error(L, "not enough memory");
   call->timeout = r->timeout;
@@ -402,10 +403,7 @@ static int client_wait(lua_State *L) {
   const char *text = luaL_checklstring(L, 2, &len);
   double timeout = opts_check_timeout(L, 3, 0);
   unsigned char id[16];
-  char buf[37];
-  luaL_argcheck(L, len == 36, 2, "not an id returned by send");
-  memcpy(buf, text, 37);
-  luaL_argcheck(L, uuid_parse(buf, id) == 0, 2, "not an id returned by send");
+  luaL_argcheck(L, pending_parse_id(text, len, id), 2, "not an id returned by send");
   if (!c->open) return rpc_fail(L, "closed", "client closed");
   struct rpc_call *call = pending_find(&c->pending, id);
   luaL_argcheck(L, call, 2, "unknown id (already waited for, or not sent by this client)");

@@ -66,6 +66,29 @@ void pending_remove(struct rpc_pending *p, struct rpc_call *call) {
   }
 }
 
+static int hex_value(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+/* The 36-character text form of an id, as uuid_parse reads it, without its strtoul per byte:
+ * every reply's correlation id goes through here. */
+int pending_parse_id(const char *text, size_t len, unsigned char id[16]) {
+  if (len != 36) return 0;
+  for (size_t i = 0, n = 0; i < 36; n++) {
+    if (i == 8 || i == 13 || i == 18 || i == 23) {
+      if (text[i++] != '-') return 0;
+    }
+    int high = hex_value(text[i]), low = hex_value(text[i + 1]);
+    if (high < 0 || low < 0) return 0;
+    id[n] = (unsigned char)(high << 4 | low);
+    i += 2;
+  }
+  return 1;
+}
+
 void pending_free(struct rpc_pending *p) {
   free(p->slots);
   p->slots = NULL;

@@ -109,6 +109,7 @@ struct rpc_call *pending_add(struct rpc_pending *p, const unsigned char id[16]);
 struct rpc_call *pending_find(struct rpc_pending *p, const unsigned char id[16]);
 void pending_remove(struct rpc_pending *p, struct rpc_call *call);
 void pending_free(struct rpc_pending *p);
+int pending_parse_id(const char *text, size_t len, unsigned char id[16]);  /* 1 if well formed */
 
 /* ---- the wait loop (loop.c): one per Lua state, serves its open servers ---- */
 struct rpc_server;
