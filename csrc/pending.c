@@ -77,7 +77,8 @@ static int hex_value(char c) {
  * every reply's correlation id goes through here. */
 int pending_parse_id(const char *text, size_t len, unsigned char id[16]) {
   if (len != 36) return 0;
-  for (size_t i = 0, n = 0; i < 36; n++) {
+  size_t i = 0;
+  for (int n = 0; n < 16; n++) {
     if (i == 8 || i == 13 || i == 18 || i == 23) {
       if (text[i++] != '-') return 0;
     }
