@@ -20,7 +20,7 @@ BUSTED = $(LUA) /usr/bin/busted
 SRC = $(wildcard csrc/*.c)
 MODULE = build/rpc/core.so
 
-.PHONY: all deps test demo check memcheck broker-start broker-stop clean
+.PHONY: all deps test demo bench bench-million check memcheck broker-start broker-stop clean
 
 all: $(MODULE)
 
@@ -43,6 +43,12 @@ test: deps $(MODULE) broker-start
 demo: deps $(MODULE) broker-start
 	@scripts/demo.sh
 
+bench: deps all broker-start
+	@bench/run.sh $(BENCH_ARGS)
+
+bench-million: deps all broker-start
+	@bench/run.sh --million $(BENCH_MILLION)
+
 check: $(SRC)
 	$(CC) $(CFLAGS) -fsyntax-only $(SRC)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability --inline-suppr \
@@ -52,4 +58,4 @@ memcheck: deps $(MODULE) broker-start
 	@scripts/memcheck.sh
 
 clean:
-	rm -rf build
+	rm -rf build bench/out

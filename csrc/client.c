@@ -1,7 +1,6 @@
 /* rpc.client: publishes requests (mandatory, reply_to, a fresh uuid correlation id, expiration)
  * and matches replies to pending calls by correlation id. */
 #include <math.h>
-#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -43,8 +42,8 @@ static void set_reply_to(struct rpc_client *c, amqp_bytes_t name) {
 
 /* Opens the connection and the reply path: the direct reply-to consumer must exist before the
  * first publish; an exclusive queue is the tutorial's way; a named one survives the client. */
-static int client_connect(struct rpc_client *c) {
-  if (conn_open(&c->conn)) return -1;
+static int client_connect(struct rpc_client *c, double limit) {
+  if (conn_open(&c->conn, limit)) return -1;
   amqp_connection_state_t a = c->conn.amqp;
   if (c->mode != REPLY_DIRECT) {
     int named = c->mode == REPLY_NAMED;
@@ -92,7 +91,8 @@ static int client_new(lua_State *L) {
     c->mode = REPLY_NAMED;
     memcpy(c->reply_to, reply_to, rlen + 1);
   }
-  if (client_connect(c)) return rpc_fail(L, c->conn.error_kind, c->conn.error);  /* __gc frees */
+  if (client_connect(c, c->conn.connect_timeout))
+    return rpc_fail(L, c->conn.error_kind, c->conn.error);  /* __gc frees */
   c->loop = loop_get(L);
   return 1;
 }
@@ -220,26 +220,24 @@ static int read_replies(lua_State *L, struct rpc_client *c, int idx, const unsig
   }
 }
 
-/* Waits for call id until deadline, serving this Lua state's servers meanwhile. Ctrl-C or
- * SIGTERM ends the wait with "interrupted", then goes on to the handler it would have met
- * (lua.c's "interrupted!", or the default exit); inside a running server's handler they are
- * left to run(), which finishes the request in hand first. */
+/* Waits for call id until deadline, serving this Lua state's servers meanwhile. Ctrl-C ends
+ * the wait with "interrupted": lua.c's SIGINT handler only sets a hook, so a hook that appears
+ * while we wait means the user pressed it, and the hook then raises "interrupted!" as usual.
+ * Inside a running server's handler, run() owns the signals and finishes the request first. */
 static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned char *id,
                     double deadline) {
-  int n, catching = -1, sig = 0;  /* -1: signals not caught yet */
+  lua_Hook hook = lua_gethook(L);
+  int ready = conn_has_input(&c->conn);  /* else go straight to poll: no recv that must fail */
   for (;;) {
-    if (!c->open) {
-      n = rpc_fail(L, "closed", "client closed while waiting for a reply");
-      break;
-    }
+    if (!c->open) return rpc_fail(L, "closed", "client closed while waiting for a reply");
     struct rpc_call *call = pending_find(&c->pending, id);
-    if (call->state != CALL_WAITING) {  /* settled meanwhile */
-      n = take(L, c, idx, call);
-      break;
+    if (call->state != CALL_WAITING) return take(L, c, idx, call);  /* settled meanwhile */
+    if (ready) {
+      int n = read_replies(L, c, idx, id);
+      if (n) return n;
+      call = pending_find(&c->pending, id);
+      if (call->state != CALL_WAITING) continue;
     }
-    if ((n = read_replies(L, c, idx, id))) break;
-    call = pending_find(&c->pending, id);
-    if (call->state != CALL_WAITING) continue;
     if (rpc_now() >= deadline) {
       double seconds = call->timeout;
       pending_remove(&c->pending, call);
@@ -247,20 +245,14 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
       lua_pushnil(L);
       lua_pushfstring(L, "no reply from queue '%s' within %f s", c->queue, seconds);
       lua_pushliteral(L, "timeout");
-      n = 3;
-      break;
+      return 3;
     }
-    if (catching < 0) catching = loop_catch_signals(1);  /* only once it has to wait */
-    if (catching && (sig = loop_signalled())) {
+    if (lua_gethook(L) != hook) {
       pending_remove(&c->pending, call);
-      n = rpc_fail(L, "interrupted", "interrupted by a signal while waiting for a reply");
-      break;
+      return rpc_fail(L, "interrupted", "interrupted while waiting for a reply");
     }
-    loop_wait(L, c->loop, &c->conn, deadline);
+    ready = loop_wait(L, c->loop, &c->conn, deadline);
   }
-  if (catching >= 0) loop_catch_signals(0);
-  if (sig) raise(sig);
-  return n;
 }
 
 /* ---- publishing ---- */
@@ -322,8 +314,9 @@ static void read_request(lua_State *L, struct rpc_client *c, int arg, const char
   lua_pop(L, 1);  /* the strings stay alive in the options table */
 }
 
-/* Everything a publish needs: open, and a live connection. Returns 0, or pushes a failure. */
-static int ready_to_publish(lua_State *L, struct rpc_client *c, int idx) {
+/* Everything a publish needs: open, and a live connection (a lost one is replaced, within
+ * limit seconds: the call's timeout). Returns 0, or pushes a failure. */
+static int ready_to_publish(lua_State *L, struct rpc_client *c, int idx, double limit) {
   if (!c->open) return rpc_fail(L, "closed", "client closed");
   /* after a quiet spell the broker may have dropped us (missed heartbeats, a restart): read
    * first, so a dead connection is replaced before publishing rather than failing the call */
@@ -331,7 +324,7 @@ static int ready_to_publish(lua_State *L, struct rpc_client *c, int idx) {
     static const unsigned char nobody[16];  /* no random uuid is all zeros */
     read_replies(L, c, idx, nobody);
   }
-  if (!c->conn.amqp && client_connect(c)) return rpc_fail(L, c->conn.error_kind, c->conn.error);
+  if (!c->conn.amqp && client_connect(c, limit)) return rpc_fail(L, c->conn.error_kind, c->conn.error);
   return 0;
 }
 
@@ -372,7 +365,7 @@ static int client_call(lua_State *L) {
   read_request(L, c, 4, call_options, &r);
   unsigned char id[16];
   char id_text[37];
-  int n = ready_to_publish(L, c, 1);
+  int n = ready_to_publish(L, c, 1, r.timeout);
   if (!n) n = publish(L, c, 1, &r, body, len, id, id_text);
   return n ? n : wait_for(L, c, 1, id, rpc_now() + r.timeout);
 }
@@ -388,7 +381,7 @@ static int client_send(lua_State *L) {
   read_request(L, c, 3, send_options, &r);
   unsigned char id[16];
   char id_text[37];
-  int n = ready_to_publish(L, c, 1);
+  int n = ready_to_publish(L, c, 1, r.timeout);
   if (!n) n = publish(L, c, 1, &r, body, len, id, id_text);
   if (n) return n;
   lua_pushlstring(L, id_text, 36);
@@ -445,7 +438,7 @@ static int client_call_all(lua_State *L) {
   r.timeout = opts_check_timeout(L, 3, c->timeout);
   if (c->open) recycle_amqp_pool(&c->pool);
   read_request(L, c, 4, call_options, &r);
-  int failed = ready_to_publish(L, c, 1);
+  int failed = ready_to_publish(L, c, 1, r.timeout);
   if (failed) return failed;
   unsigned char (*ids)[16] = lua_newuserdatauv(L, sizeof *ids * (size_t)(n ? n : 1), 0);
   char id_text[37];

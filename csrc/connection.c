@@ -128,8 +128,8 @@ static struct timeval timeval_of(double seconds) {
   return tv;
 }
 
-static int connect_socket(struct rpc_conn *c) {
-  struct timeval tv = timeval_of(c->connect_timeout);
+static int connect_socket(struct rpc_conn *c, double limit) {
+  struct timeval tv = timeval_of(limit);
   amqp_socket_t *sock = amqp_tcp_socket_new(c->amqp);
   if (!sock) return conn_lost(c, "connection", "cannot create a socket for %s", c->where);
   int st = amqp_socket_open_noblock(sock, c->host, c->port, &tv);
@@ -137,15 +137,16 @@ static int connect_socket(struct rpc_conn *c) {
   return conn_lost(c, "connection", "cannot connect to %s: %s", c->where, amqp_error_string2(st));
 }
 
-int conn_open(struct rpc_conn *c) {
+int conn_open(struct rpc_conn *c, double limit) {
+  if (limit > c->connect_timeout) limit = c->connect_timeout;
   conn_close(c);
   c->error_kind = NULL;
   c->error[0] = '\0';
   c->amqp = amqp_new_connection();
   if (!c->amqp) return conn_lost(c, "connection", "out of memory connecting to %s", c->where);
-  if (connect_socket(c)) return -1;
+  if (connect_socket(c, limit)) return -1;
 
-  struct timeval tv = timeval_of(c->connect_timeout);
+  struct timeval tv = timeval_of(limit);
   amqp_set_handshake_timeout(c->amqp, &tv);
   amqp_set_rpc_timeout(c->amqp, &tv);  /* bounds declare/consume/close; never hang on a mute peer */
   /* 0.11 does not advertise consumer_cancel_notify: without it the broker never tells a

@@ -86,9 +86,18 @@ static void serve_one(lua_State *L, struct rpc_loop *loop, struct rpc_server *s)
   lua_pop(L, 2);
 }
 
-/* Serves the first server with input already buffered, or due a read for its heartbeats. */
+/* Serves the first server with input already buffered, or due a read for its heartbeats, or
+ * due a reconnect. */
 static int serve_buffered(lua_State *L, struct rpc_loop *loop, double now) {
   for (struct rpc_server *s = loop->servers; s; s = server_next(s)) {
+    if (server_due(s, now)) {
+      rotate(loop, s);
+      push_anchors(L);
+      lua_rawgetp(L, -1, s);
+      server_reconnect(L, lua_gettop(L));
+      lua_pop(L, 2);
+      return 1;
+    }
     if (!server_servable(s)) continue;
     struct rpc_conn *c = server_conn(s);
     if (conn_has_input(c) || now - c->last_pumped > RPC_HEARTBEAT_READ) {
@@ -99,15 +108,15 @@ static int serve_buffered(lua_State *L, struct rpc_loop *loop, double now) {
   return 0;
 }
 
-/* One turn of the loop: returns 1 when own has input (or is due a read), 0 after serving one
- * request of another server (its handler may have settled what the caller waits for, or
- * opened and closed anything) or after waiting until the deadline, at most RPC_SLICE. Callers
- * turn it until they have what they wait for. */
+/* One turn of the loop: returns 1 when own may have input (it has, or is due a read, or
+ * another server was served meanwhile, which may take long: look again), 0 after waiting
+ * until the deadline, at most RPC_SLICE. A served handler may have settled what the caller
+ * waits for, or opened and closed anything: callers check, and turn it again. */
 int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double deadline) {
   double now = rpc_now();
   /* rabbitmq-c sends and checks heartbeats only inside its calls: have own read often */
   if (own && (conn_has_input(own) || now - own->last_pumped > RPC_HEARTBEAT_READ)) return 1;
-  if (serve_buffered(L, loop, now)) return 0;
+  if (serve_buffered(L, loop, now)) return own != NULL;
 
   struct pollfd fds[MAX_POLLED];
   struct rpc_server *polled[MAX_POLLED];
@@ -130,7 +139,7 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
     if (!fds[i].revents) continue;
     if (!polled[i]) return 1;
     serve_one(L, loop, polled[i]);
-    return 0;
+    return own != NULL;
   }
   return 0;  /* nothing, or EINTR: the caller looks at its deadline and signals */
 }
@@ -146,9 +155,8 @@ static void on_signal(int sig) {
   signalled = sig;
 }
 
-/* Returns 1 when this call is the outermost, the one that installs or restores handlers. */
-int loop_catch_signals(int on) {
-  if (on ? catching++ > 0 : --catching > 0) return 0;
+void loop_catch_signals(int on) {
+  if (on ? catching++ > 0 : --catching > 0) return;
   if (on) {
     struct sigaction sa;
     sa.sa_handler = on_signal;
@@ -161,7 +169,6 @@ int loop_catch_signals(int on) {
     sigaction(SIGINT, &saved_int, NULL);
     sigaction(SIGTERM, &saved_term, NULL);
   }
-  return 1;
 }
 
 int loop_signalled(void) {

@@ -68,7 +68,7 @@ struct rpc_conn {
 /* Reads url/heartbeat/connect_timeout from the options table at idx. */
 void conn_init(lua_State *L, struct rpc_conn *c, int opts_idx);
 /* 0 on success; else -1 with c->error and c->error_kind set. */
-int conn_open(struct rpc_conn *c);
+int conn_open(struct rpc_conn *c, double limit);  /* limit: seconds, at most connect_timeout */
 int conn_check_reply(struct rpc_conn *c, const char *what);
 void conn_close(struct rpc_conn *c);      /* polite close, then free the connection */
 void conn_free(struct rpc_conn *c);       /* conn_close and release everything */
@@ -117,12 +117,12 @@ struct rpc_loop;
 struct rpc_loop *loop_get(lua_State *L);
 void loop_add_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *s, int idx);
 void loop_remove_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *s);
-/* One turn: 1 when own has input; 0 after serving another server's request, or at the
- * deadline (waiting at most RPC_SLICE), or on a signal. */
+/* One turn: 1 when own may have input (or another server was served: look again); 0 at the
+ * deadline (waiting at most RPC_SLICE) or on a signal. */
 int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double deadline);
-/* SIGINT/SIGTERM set a flag (the signal's number) while caught; nested catches install once.
- * Returns 1 for the outermost catch or release. */
-int loop_catch_signals(int on);
+/* While a server runs, SIGINT/SIGTERM set a flag (the signal's number); nested runs install
+ * the handlers once. */
+void loop_catch_signals(int on);
 int loop_signalled(void);
 
 /* ---- servers (server.c) ---- */
@@ -130,6 +130,8 @@ struct rpc_conn *server_conn(struct rpc_server *s);
 struct rpc_server *server_next(struct rpc_server *s);
 void server_set_next(struct rpc_server *s, struct rpc_server *next);
 int server_servable(const struct rpc_server *s);
+int server_due(const struct rpc_server *s, double now);  /* down, and its retry time has come */
+void server_reconnect(lua_State *L, int idx);
 int server_service(lua_State *L, int idx);
 
 /* ---- Lua types ---- */

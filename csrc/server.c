@@ -1,5 +1,7 @@
 /* rpc.server: declares a queue, consumes it with manual acks, runs a Lua handler per request
  * and publishes its reply to the request's reply_to, acking only after the reply is out. */
+#include <math.h>
+#include <stdarg.h>
 #include <string.h>
 
 #include "rpc.h"
@@ -7,8 +9,11 @@
 #define SERVER_MT "rpc.server"
 #define MAX_ERROR_HEADER 8192  /* the whole text is in the body; the header must fit a frame */
 
+#define FIRST_RETRY 0.1        /* seconds before the first reconnect */
+#define MAX_RETRY 30.0         /* the backoff doubles up to this */
+
 /* user values */
-enum { UV_HANDLER = 1, UV_MSGH, UV_ARGUMENTS, UV_LAST_ERROR, UV_COUNT = UV_LAST_ERROR };
+enum { UV_HANDLER = 1, UV_MSGH, UV_ARGUMENTS, UV_LAST_ERROR, UV_LOG, UV_COUNT = UV_LOG };
 
 struct rpc_server {
   struct rpc_conn conn;
@@ -18,13 +23,18 @@ struct rpc_server {
   int prefetch, durable, exclusive, auto_delete;
   int wants_request;  /* the handler declares a second parameter */
   int open, busy, stopping, close_pending;
-  struct { lua_Integer requests, replies, errors, no_reply_to; } stats;
+  double backoff, retry_at;   /* while the connection is down */
+  uint32_t jitter;            /* xorshift state for the backoff's jitter */
+  struct { lua_Integer requests, replies, errors, no_reply_to, reconnects; } stats;
 };
 
 struct rpc_conn *server_conn(struct rpc_server *s) { return &s->conn; }
 struct rpc_server *server_next(struct rpc_server *s) { return s->next; }
 void server_set_next(struct rpc_server *s, struct rpc_server *next) { s->next = next; }
 int server_servable(const struct rpc_server *s) { return s->open && !s->busy && s->conn.amqp; }
+int server_due(const struct rpc_server *s, double now) {
+  return s->open && !s->busy && !s->conn.amqp && now >= s->retry_at;
+}
 
 static struct rpc_server *check_server(lua_State *L, int idx) {
   return luaL_checkudata(L, idx, SERVER_MT);
@@ -129,11 +139,56 @@ done:
 
 static void server_close(lua_State *L, struct rpc_server *s);
 
+/* Hands a line to opts.log, if set; an error in it is ignored: logging never stops serving. */
+static void log_line(lua_State *L, int idx, const char *fmt, ...) {
+  if (lua_getiuservalue(L, idx, UV_LOG) != LUA_TFUNCTION) {
+    lua_pop(L, 1);
+    return;
+  }
+  va_list ap;
+  va_start(ap, fmt);
+  lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
+  lua_pcall(L, 1, 0, 0) == LUA_OK ? (void)0 : lua_pop(L, 1);
+}
+
+/* The connection is gone: plan the next attempt, backing off exponentially with jitter (half
+ * to one and a half times the backoff), so that many servers do not come back in step. */
+static void schedule_retry(lua_State *L, struct rpc_server *s, int idx) {
+  s->backoff = s->backoff ? s->backoff * 2 : FIRST_RETRY;
+  if (s->backoff > MAX_RETRY) s->backoff = MAX_RETRY;
+  s->jitter ^= s->jitter << 13;
+  s->jitter ^= s->jitter >> 17;
+  s->jitter ^= s->jitter << 5;
+  double delay = s->backoff * (0.5 + (double)(s->jitter % 1000) / 1000);
+  s->retry_at = rpc_now() + delay;
+  log_line(L, idx, "rpc.server '%s': %s (%s); reconnecting in %f s", s->queue, s->conn.error,
+           s->conn.error_kind, floor(delay * 1000) / 1000);
+}
+
+static int declare_and_consume(lua_State *L, struct rpc_server *s, int idx);
+
+/* One reconnect attempt, from the loop: connect, declare, consume, as at the start. */
+void server_reconnect(lua_State *L, int idx) {
+  struct rpc_server *s = check_server(L, idx);
+  s->busy = 1;  /* declare runs no handler, but the loop must not pick it twice */
+  int failed = conn_open(&s->conn, s->conn.connect_timeout) || declare_and_consume(L, s, idx);
+  s->busy = 0;
+  if (failed) {
+    schedule_retry(L, s, idx);
+    return;
+  }
+  s->backoff = 0;
+  s->stats.reconnects++;
+  log_line(L, idx, "rpc.server '%s': reconnected to %s", s->queue, s->conn.where);
+}
+
 /* Handles at most one request already received by the server at idx, never waiting: the
  * loop then lets every other waiter have its turn. Returns the number handled. */
 int server_service(lua_State *L, int idx) {
   struct rpc_server *s = check_server(L, idx);
   int handled = 0;
+  if (!s->conn.amqp) return 0;
   s->busy = 1;
   enum conn_event ev = conn_pump(&s->conn);
   if (ev == EV_DELIVERY) {
@@ -144,6 +199,7 @@ int server_service(lua_State *L, int idx) {
               s->queue);
   }
   if (ev != EV_NONE) conn_release_message(&s->conn);  /* EV_NONE: a message may be half read */
+  if (!s->conn.amqp) schedule_retry(L, s, idx);  /* the broker went away: never give up */
   s->busy = 0;
   if (s->close_pending) server_close(L, s);
   return handled;
@@ -188,7 +244,7 @@ static void check_arguments_table(lua_State *L, int opts) {
 
 static const char *const server_options[] = {"url", "heartbeat", "connect_timeout", "durable",
                                              "exclusive", "auto_delete", "arguments", "prefetch",
-                                             NULL};
+                                             "log", NULL};
 
 /* rpc.server(queue, handler [, opts]): pushes the server, or nil, message, kind. */
 static int server_new(lua_State *L) {
@@ -202,6 +258,9 @@ static int server_new(lua_State *L) {
   int exclusive = opts_boolean(L, 3, "exclusive", 0);
   int auto_delete = opts_boolean(L, 3, "auto_delete", 0);
   check_arguments_table(L, 3);
+  int log = !lua_isnoneornil(L, 3) && lua_getfield(L, 3, "log") != LUA_TNIL;
+  if (log) luaL_argcheck(L, lua_isfunction(L, -1), 3, "option 'log' must be a function");
+  if (!lua_isnoneornil(L, 3)) lua_pop(L, 1);
 
   struct rpc_server *s = lua_newuserdatauv(L, sizeof *s, UV_COUNT);
   memset(s, 0, sizeof *s);
@@ -225,9 +284,12 @@ static int server_new(lua_State *L) {
   if (!lua_isnoneornil(L, 3)) {
     lua_getfield(L, 3, "arguments");
     lua_setiuservalue(L, idx, UV_ARGUMENTS);
+    lua_getfield(L, 3, "log");
+    lua_setiuservalue(L, idx, UV_LOG);
   }
+  s->jitter = ((uint32_t)((uintptr_t)s >> 4) ^ (uint32_t)(rpc_now() * 1e6)) | 1;  /* never 0 */
   s->open = 1;
-  if (conn_open(&s->conn) || declare_and_consume(L, s, idx)) {
+  if (conn_open(&s->conn, s->conn.connect_timeout) || declare_and_consume(L, s, idx)) {
     int n = rpc_fail(L, s->conn.error_kind, s->conn.error);
     server_close(L, s);
     return n;
@@ -240,22 +302,22 @@ static int server_new(lua_State *L) {
 
 /* ---- methods ---- */
 
-static int closed_or_lost(lua_State *L, struct rpc_server *s) {
-  if (!s->open) return rpc_fail(L, "closed", "server closed");
-  return rpc_fail(L, s->conn.error_kind ? s->conn.error_kind : "connection", s->conn.error);
+static int closed(lua_State *L) {
+  return rpc_fail(L, "closed", "server closed");
 }
 
-/* Serves every open server of this Lua state until s is stopped, closed or lost. */
+/* Serves every open server of this Lua state until s is stopped or closed. A lost connection
+ * does not end it: the server reconnects, backing off, for as long as it takes. */
 static int run_server(lua_State *L, int idx) {
   struct rpc_server *s = check_server(L, idx);
-  if (!s->open || !s->conn.amqp) return closed_or_lost(L, s);
+  if (!s->open) return closed(L);
   luaL_argcheck(L, !s->busy, idx, "server:run() called from its own handler");
   s->stopping = 0;
   loop_catch_signals(1);
-  while (s->open && s->conn.amqp && !s->stopping && !loop_signalled())
+  while (s->open && !s->stopping && !loop_signalled())
     loop_wait(L, s->loop, NULL, rpc_now() + RPC_SLICE);
   loop_catch_signals(0);
-  if (s->open && !s->conn.amqp) return closed_or_lost(L, s);
+  if (!s->open) return closed(L);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -270,16 +332,16 @@ static int server_poll(lua_State *L) {
   double timeout = luaL_optnumber(L, 2, 0);
   luaL_argcheck(L, timeout >= 0 && timeout <= RPC_MAX_TIMEOUT, 2,
                 "timeout must be a number of seconds from 0 to 1e6");
-  if (!s->open || !s->conn.amqp) return closed_or_lost(L, s);
+  if (!s->open) return closed(L);
   luaL_argcheck(L, !s->busy, 1, "server:poll() called from its own handler");
-  s->stopping = 0;
   lua_Integer before = s->stats.requests;
   double deadline = rpc_now() + timeout;
-  do {
-    if (loop_wait(L, s->loop, &s->conn, deadline) && s->open) server_service(L, 1);
-  } while (s->open && s->conn.amqp && s->stats.requests == before && rpc_now() < deadline);
+  do {  /* while the connection is down, the loop reconnects it when due */
+    if (loop_wait(L, s->loop, s->conn.amqp ? &s->conn : NULL, deadline) && s->open)
+      server_service(L, 1);
+  } while (s->open && s->stats.requests == before && rpc_now() < deadline);
   while (s->open && s->conn.amqp && conn_has_input(&s->conn)) server_service(L, 1);  /* the rest */
-  if (!s->open || !s->conn.amqp) return closed_or_lost(L, s);
+  if (!s->open) return closed(L);
   lua_pushinteger(L, s->stats.requests - before);
   return 1;
 }
@@ -313,6 +375,9 @@ static int server_stats(lua_State *L) {
   rpc_set_count(L, "replies", s->stats.replies);
   rpc_set_count(L, "errors", s->stats.errors);
   rpc_set_count(L, "no_reply_to", s->stats.no_reply_to);
+  rpc_set_count(L, "reconnects", s->stats.reconnects);
+  lua_pushboolean(L, s->conn.amqp != NULL);
+  lua_setfield(L, -2, "connected");
   lua_getiuservalue(L, 1, UV_LAST_ERROR);
   lua_setfield(L, -2, "last_error");
   return 1;
@@ -322,7 +387,7 @@ static int server_tostring(lua_State *L) {
   struct rpc_server *s = check_server(L, 1);
   if (!s->open) lua_pushliteral(L, "rpc.server (closed)");
   else lua_pushfstring(L, "rpc.server (%s, queue '%s', prefetch %d%s)", s->conn.where, s->queue,
-                       s->prefetch, s->conn.amqp ? "" : ", connection lost");
+                       s->prefetch, s->conn.amqp ? "" : ", reconnecting");
   return 1;
 }
 
