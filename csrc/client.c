@@ -59,8 +59,8 @@ static int client_connect(struct rpc_client *c, double limit) {
   return conn_check_reply(&c->conn, "consuming replies");
 }
 
-static const char *const client_options[] = {"url", "heartbeat", "connect_timeout", "timeout",
-                                             "reply_to", NULL};
+static const char *const client_options[] = {"url",     "urls",     "heartbeat", "connect_timeout",
+                                             "timeout", "reply_to", NULL};
 
 /* rpc.client(queue [, opts]): the client, or nil, message, kind. */
 static int client_new(lua_State *L) {

@@ -20,41 +20,72 @@ static char *copy_string(const char *s) {
   return p;
 }
 
-static void set_where(struct rpc_conn *c) {
-  const char *vhost = strcmp(c->vhost, "/") == 0 ? "" : c->vhost;
-  size_t n = strlen(c->user) + strlen(c->host) + strlen(vhost) + 32;
-  c->where = malloc(n);
-  if (c->where) snprintf(c->where, n, "amqp://%s@%s:%d/%s", c->user, c->host, c->port, vhost);
+static void set_where(struct rpc_endpoint *e) {
+  const char *vhost = strcmp(e->vhost, "/") == 0 ? "" : e->vhost;
+  size_t n = strlen(e->user) + strlen(e->host) + strlen(vhost) + 32;
+  e->where = malloc(n);
+  if (e->where) snprintf(e->where, n, "amqp://%s@%s:%d/%s", e->user, e->host, e->port, vhost);
 }
 
-/* The options table at idx gives url, heartbeat and connect_timeout. Raises on bad values;
- * what it allocates is freed by conn_free, which the owner's __gc calls. */
+/* Parses url into e. Returns NULL, or why it cannot be used. */
+static const char *parse_endpoint(const char *url, struct rpc_endpoint *e) {
+  struct amqp_connection_info info;
+  char *scratch = copy_string(url);
+  if (!scratch) return "not enough memory";
+  const char *bad = NULL;
+  if (amqp_parse_url(scratch, &info) != AMQP_STATUS_OK)
+    bad = "invalid url (expected amqp://user:password@host:port/vhost)";
+  else if (info.ssl)
+    bad = "amqps:// urls are not supported yet";
+  if (!bad) {
+    e->host = copy_string(info.host);
+    e->user = copy_string(info.user);
+    e->password = copy_string(info.password);
+    /* amqp://host/ names the vhost "" in the URI spec; users mean "/", as pika does */
+    e->vhost = copy_string(*info.vhost ? info.vhost : "/");
+    e->port = info.port;
+    if (e->host && e->user && e->vhost) set_where(e);
+    if (!e->host || !e->user || !e->password || !e->vhost || !e->where) bad = "not enough memory";
+  }
+  free(scratch);
+  return bad;
+}
+
+/* The options table at idx gives url or urls, heartbeat and connect_timeout. Raises on bad
+ * values; what it allocates is freed by conn_free, which the owner's __gc calls. */
 void conn_init(lua_State *L, struct rpc_conn *c, int idx) {
-  const char *env = getenv("RPC_URL");
-  const char *url = opts_string(L, idx, "url", env && *env ? env : DEFAULT_URL, NULL);
   c->heartbeat = (int)opts_integer(L, idx, "heartbeat", RPC_DEFAULT_HEARTBEAT, 0, 3600);
   c->connect_timeout =
       opts_number(L, idx, "connect_timeout", RPC_DEFAULT_CONNECT_TIMEOUT, 0.001, RPC_MAX_TIMEOUT);
-
-  struct amqp_connection_info info;
-  char *scratch = copy_string(url);
-  if (!scratch) luaL_error(L, "not enough memory");
-  int bad = amqp_parse_url(scratch, &info) != AMQP_STATUS_OK;
-  if (!bad && !info.ssl) {
-    c->host = copy_string(info.host);
-    c->user = copy_string(info.user);
-    c->password = copy_string(info.password);
-    /* amqp://host/ names the vhost "" in the URI spec; users mean "/", as pika does */
-    c->vhost = copy_string(*info.vhost ? info.vhost : "/");
-    c->port = info.port;
+  int list = !lua_isnoneornil(L, idx) && lua_getfield(L, idx, "urls") != LUA_TNIL;
+  if (list) {
+    if (!lua_istable(L, -1) || lua_rawlen(L, -1) == 0)
+      luaL_argerror(L, idx, "option 'urls' must be a non-empty list of urls");
+    lua_getfield(L, idx, "url");
+    if (!lua_isnil(L, -1)) luaL_argerror(L, idx, "give option 'url' or 'urls', not both");
+    lua_pop(L, 1);
   }
-  int tls = !bad && info.ssl;
-  free(scratch);
-  if (bad) luaL_argerror(L, idx, "invalid url (expected amqp://user:password@host:port/vhost)");
-  if (tls) luaL_argerror(L, idx, "amqps:// urls are not supported yet");
-  if (!c->host || !c->user || !c->password || !c->vhost) luaL_error(L, "not enough memory");
-  set_where(c);
-  if (!c->where) luaL_error(L, "not enough memory");
+  lua_Integer n = list ? (lua_Integer)lua_rawlen(L, -1) : 1;
+  luaL_argcheck(L, n <= 64, idx, "option 'urls' lists more than 64 brokers");
+  c->endpoints = calloc((size_t)n, sizeof *c->endpoints);
+  if (!c->endpoints) luaL_error(L, "not enough memory");
+  c->n_endpoints = (int)n;
+  for (lua_Integer i = 0; i < n; i++) {
+    const char *url;
+    if (list) {
+      if (lua_rawgeti(L, -1, i + 1) != LUA_TSTRING)
+        luaL_argerror(L, idx, lua_pushfstring(L, "urls[%I] must be a string", i + 1));
+      url = lua_tostring(L, -1);  /* the list keeps it alive */
+      lua_pop(L, 1);
+    } else {
+      const char *env = getenv("RPC_URL");
+      url = opts_string(L, idx, "url", env && *env ? env : DEFAULT_URL, NULL);
+    }
+    const char *bad = parse_endpoint(url, &c->endpoints[i]);
+    if (bad) luaL_argerror(L, idx, bad);
+  }
+  if (!lua_isnoneornil(L, idx)) lua_pop(L, 1);  /* urls, or nil */
+  c->where = c->endpoints[0].where;
 }
 
 /* Records why the connection can no longer be used and drops it: a 0.11 connection is never
@@ -132,13 +163,15 @@ static int connect_socket(struct rpc_conn *c, double limit) {
   struct timeval tv = timeval_of(limit);
   amqp_socket_t *sock = amqp_tcp_socket_new(c->amqp);
   if (!sock) return conn_lost(c, "connection", "cannot create a socket for %s", c->where);
-  int st = amqp_socket_open_noblock(sock, c->host, c->port, &tv);
+  const struct rpc_endpoint *e = &c->endpoints[c->current];
+  int st = amqp_socket_open_noblock(sock, e->host, e->port, &tv);
   if (st == AMQP_STATUS_OK) return 0;
   return conn_lost(c, "connection", "cannot connect to %s: %s", c->where, amqp_error_string2(st));
 }
 
-int conn_open(struct rpc_conn *c, double limit) {
-  if (limit > c->connect_timeout) limit = c->connect_timeout;
+static int open_endpoint(struct rpc_conn *c, double limit) {
+  const struct rpc_endpoint *e = &c->endpoints[c->current];
+  c->where = e->where;
   conn_close(c);
   c->error_kind = NULL;
   c->error[0] = '\0';
@@ -161,8 +194,8 @@ int conn_open(struct rpc_conn *c, double limit) {
   property.value.value.table.entries = &capability;
   amqp_table_t properties = {1, &property};
   amqp_rpc_reply_t login =
-      amqp_login_with_properties(c->amqp, c->vhost, 0, RPC_FRAME_MAX, c->heartbeat, &properties,
-                                 AMQP_SASL_METHOD_PLAIN, c->user, c->password);
+      amqp_login_with_properties(c->amqp, e->vhost, 0, RPC_FRAME_MAX, c->heartbeat, &properties,
+                                 AMQP_SASL_METHOD_PLAIN, e->user, e->password);
   if (classify_reply(c, "login", login)) {
     /* 0.11 advertises authentication_failure_close, so a refused login is a 403; a closed
      * socket during login is what older brokers do instead */
@@ -174,6 +207,27 @@ int conn_open(struct rpc_conn *c, double limit) {
   if (conn_check_reply(c, "channel.open")) return -1;
   c->last_pumped = rpc_now();
   return 0;
+}
+
+/* Tries every broker once, in order from the one after the last used (the first, at the
+ * start): a cluster's nodes, or a primary and its standby. */
+int conn_open(struct rpc_conn *c, double limit) {
+  if (limit > c->connect_timeout) limit = c->connect_timeout;
+  int start = c->opened ? (c->current + 1) % c->n_endpoints : 0;
+  for (int i = 0; i < c->n_endpoints; i++) {
+    c->current = (start + i) % c->n_endpoints;
+    if (open_endpoint(c, limit) == 0) {
+      c->opened = 1;
+      return 0;
+    }
+  }
+  if (c->n_endpoints > 1) {  /* say that every broker was tried */
+    char last[sizeof c->error];
+    memcpy(last, c->error, sizeof last);
+    snprintf(c->error, sizeof c->error, "none of the %d brokers answered; the last: %.400s",
+             c->n_endpoints, last);
+  }
+  return -1;
 }
 
 void conn_close(struct rpc_conn *c) {
@@ -190,14 +244,21 @@ void conn_close(struct rpc_conn *c) {
 
 void conn_free(struct rpc_conn *c) {
   conn_close(c);
-  if (c->password) memset(c->password, 0, strlen(c->password));
-  free(c->host);
-  free(c->user);
-  free(c->password);
-  free(c->vhost);
-  free(c->where);
+  for (int i = 0; c->endpoints && i < c->n_endpoints; i++) {
+    struct rpc_endpoint *e = &c->endpoints[i];
+    if (e->password) memset(e->password, 0, strlen(e->password));
+    free(e->host);
+    free(e->user);
+    free(e->password);
+    free(e->vhost);
+    free(e->where);
+  }
+  free(c->endpoints);
   free(c->msg.buf);
-  c->host = c->user = c->password = c->vhost = c->where = c->msg.buf = NULL;
+  c->endpoints = NULL;
+  c->n_endpoints = 0;
+  c->where = NULL;
+  c->msg.buf = NULL;
   c->msg.cap = 0;
 }
 

@@ -53,19 +53,26 @@ struct rpc_message {            /* a basic.deliver or basic.return being assembl
   int header_seen;
 };
 
+struct rpc_endpoint {           /* one broker of url or urls */
+  char *host, *user, *password, *vhost;
+  int port;
+  char *where;                  /* amqp://user@host:port/vhost, never the password */
+};
+
 struct rpc_conn {
   amqp_connection_state_t amqp; /* NULL when not connected */
-  char *host, *user, *password, *vhost;
-  int port, heartbeat;
+  struct rpc_endpoint *endpoints;
+  int n_endpoints, current, opened;
+  int heartbeat;
   double connect_timeout;
-  char *where;                  /* amqp://user@host:port/vhost, never the password */
+  const char *where;            /* the current endpoint's */
   struct rpc_message msg;
   double last_pumped;             /* when the loop last serviced it (heartbeats) */
   const char *error_kind;       /* why it was lost, for the next caller */
   char error[512];
 };
 
-/* Reads url/heartbeat/connect_timeout from the options table at idx. */
+/* Reads url or urls, heartbeat and connect_timeout from the options table at idx. */
 void conn_init(lua_State *L, struct rpc_conn *c, int opts_idx);
 /* 0 on success; else -1 with c->error and c->error_kind set. */
 int conn_open(struct rpc_conn *c, double limit);  /* limit: seconds, at most connect_timeout */

@@ -242,9 +242,9 @@ static void check_arguments_table(lua_State *L, int opts) {
   lua_pop(L, 1);
 }
 
-static const char *const server_options[] = {"url", "heartbeat", "connect_timeout", "durable",
-                                             "exclusive", "auto_delete", "arguments", "prefetch",
-                                             "log", NULL};
+static const char *const server_options[] = {
+    "url", "urls", "heartbeat", "connect_timeout", "durable", "exclusive", "auto_delete",
+    "arguments", "prefetch", "log", NULL};
 
 /* rpc.server(queue, handler [, opts]): pushes the server, or nil, message, kind. */
 static int server_new(lua_State *L) {

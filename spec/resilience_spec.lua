@@ -39,4 +39,41 @@ describe("resilience", function()
     assert.matches("reconnected to amqp://", server:output())
     assert.is_nil(server:status(), "the server exited: " .. server:output())
   end)
+
+  it("a client and a server given urls carry on through the second broker when the first stops #slow", function()
+    local T = H.scope(finally)
+    local port = H.PORT + 1
+    local env = {RPC_BROKER_PORT = tostring(port), RPC_BROKER_DIR = H.tmpdir() .. "/second-broker"}
+    local out, status = H.run(H.quote(H.BROKER) .. " start", env)
+    assert.equal(0, status, out)
+    T:defer(function() H.run(H.quote(H.BROKER) .. " stop", env) end)
+    local urls = {H.URL, H.url_with {port = port}}
+    local queue = H.queue("failover")
+    local lines = {}
+    local server = T:server(queue, function(body) return "served:" .. body end,
+                            {urls = urls, log = function(line) lines[#lines + 1] = line end})
+    local client = T:client(queue, {urls = urls})
+    assert.equal("served:one", client:call("one", 5))
+    assert.matches(":" .. H.PORT .. "/", tostring(client), 1, true)
+
+    T:defer(function() H.ctl("start_app") end)
+    out, status = H.ctl("stop_app")
+    assert.equal(0, status, out)
+    local reply = H.wait_until(function()
+      return client:call("two", 1)
+    end, 20, "a call through the second broker")
+    assert.equal("served:two", reply)
+    assert.matches(":" .. port .. "/", tostring(client), 1, true)
+    assert.matches(":" .. port .. "/", tostring(server), 1, true)
+    assert.matches("reconnected to amqp://guest@localhost:" .. port, table.concat(lines, "\n"), 1, true)
+  end)
+
+  it("says that every broker was tried when none of urls answers", function()
+    local rpc = require "rpc"
+    local client, message, kind = rpc.client("q", {urls = {H.url_with {port = 1}, H.url_with {port = 2}}})
+    assert.is_nil(client)
+    assert.equal("connection", kind)
+    assert.matches("none of the 2 brokers answered", message, 1, true)
+    H.assert_no_password(message)
+  end)
 end)

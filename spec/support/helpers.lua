@@ -430,10 +430,11 @@ function Scope:close()
   if first_error then error(first_error, 0) end
 end
 
---- opts with url defaulting to the spec broker.
+--- opts with url defaulting to the spec broker (unless urls is given).
 function H.opts(opts)
   local t = {url = H.URL}
   for k, v in pairs(opts or {}) do t[k] = v end
+  if t.urls then t.url = nil end  -- the two do not go together
   return t
 end
 
