@@ -348,7 +348,8 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
   call->deadline = rpc_now() + r->timeout;
   c->stats.calls++;
   /* mandatory: an unroutable request comes back as basic.return and fails the call at once */
-  if (!conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props, (amqp_bytes_t){len, (void *)body}))
+  if (!conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props,
+                    (amqp_bytes_t){len, (void *)body}, r->timeout))
     return 0;
   fail_all(L, c, idx);
   return take(L, c, idx, pending_find(&c->pending, id));

@@ -5,6 +5,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 #include <sys/time.h>
 
 #include <amqp_tcp_socket.h>
@@ -165,8 +168,26 @@ static int connect_socket(struct rpc_conn *c, double limit) {
   if (!sock) return conn_lost(c, "connection", "cannot create a socket for %s", c->where);
   const struct rpc_endpoint *e = &c->endpoints[c->current];
   int st = amqp_socket_open_noblock(sock, e->host, e->port, &tv);
-  if (st == AMQP_STATUS_OK) return 0;
-  return conn_lost(c, "connection", "cannot connect to %s: %s", c->where, amqp_error_string2(st));
+  if (st != AMQP_STATUS_OK)
+    return conn_lost(c, "connection", "cannot connect to %s: %s", c->where, amqp_error_string2(st));
+  /* keepalive: a backstop for reads rabbitmq-c 0.11 makes with no deadline (rmqc#780) */
+  int fd = amqp_get_sockfd(c->amqp), on = 1, idle = 30, interval = 5, count = 3;
+  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
+  c->send_bound = 0;
+  return 0;
+}
+
+/* amqp_basic_publish sends with no deadline (rmqc#519): a peer that stops reading would hold
+ * it forever. TCP_USER_TIMEOUT makes the kernel drop the connection once sent data stays
+ * unacknowledged (or unsent behind a zero window) that long, and the publish then fails. */
+static void bound_sends(struct rpc_conn *c, double seconds) {
+  unsigned int ms = seconds < 1 ? 1000 : seconds > 3600 ? 3600000 : (unsigned int)(seconds * 1000);
+  if (ms == c->send_bound) return;
+  setsockopt(amqp_get_sockfd(c->amqp), IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof ms);
+  c->send_bound = ms;
 }
 
 static int open_endpoint(struct rpc_conn *c, double limit) {
@@ -395,7 +416,8 @@ enum conn_event conn_pump(struct rpc_conn *c) {
 }
 
 int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
-                 const amqp_basic_properties_t *props, amqp_bytes_t body) {
+                 const amqp_basic_properties_t *props, amqp_bytes_t body, double bound) {
+  bound_sends(c, bound);
   int st = amqp_basic_publish(c->amqp, RPC_CHANNEL, exchange, routing_key, mandatory, 0, props, body);
   if (st == AMQP_STATUS_OK) return 0;
   return conn_lost(c, "connection", "publishing to %s failed: %s", c->where, amqp_error_string2(st));

@@ -65,6 +65,7 @@ struct rpc_conn {
   int n_endpoints, current, opened;
   int heartbeat;
   double connect_timeout;
+  unsigned int send_bound;      /* TCP_USER_TIMEOUT now set, ms */
   const char *where;            /* the current endpoint's */
   struct rpc_message msg;
   double last_pumped;             /* when the loop last serviced it (heartbeats) */
@@ -83,8 +84,9 @@ int conn_fd(const struct rpc_conn *c);
 int conn_has_input(const struct rpc_conn *c);
 enum conn_event conn_pump(struct rpc_conn *c);
 void conn_release_message(struct rpc_conn *c);
+/* bound: seconds a stalled peer may hold the publish before the connection is dropped */
 int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
-                 const amqp_basic_properties_t *props, amqp_bytes_t body);
+                 const amqp_basic_properties_t *props, amqp_bytes_t body, double bound);
 int conn_ack(struct rpc_conn *c, uint64_t delivery_tag);
 int conn_lost(struct rpc_conn *c, const char *kind, const char *fmt, ...);
 const char *conn_header(const amqp_basic_properties_t *p, const char *key, size_t *len);

@@ -98,7 +98,9 @@ static int publish_reply(struct rpc_server *s, const char *reply, size_t len, in
     props.headers.entries = &error;
   }
   amqp_bytes_t body = {len, (void *)reply};
-  if (conn_publish(&s->conn, amqp_empty_bytes, req->reply_to, 0, &props, body)) return -1;
+  /* a reply may wait on a stalled peer as long as heartbeats would take to notice it */
+  double bound = s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60;
+  if (conn_publish(&s->conn, amqp_empty_bytes, req->reply_to, 0, &props, body, bound)) return -1;
   s->stats.replies++;
   return 0;
 }
