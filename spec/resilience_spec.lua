@@ -95,4 +95,46 @@ describe("resilience", function()
     proxy:kill("CONT")
     H.assert_no_password(message)
   end)
+
+  it("discards and counts the duplicate reply when a server dies after replying, before acking", function()
+    local T = H.scope(finally)
+    local queue = H.queue("dup")
+    local first = T:spawn {python = H.ROOT .. "/spec/support/reply_then_die.py", args = {queue}}
+    first:wait_output("ready")
+    local client = T:client(queue)
+    assert.equal("first:job", client:call("job", 5))
+    assert.equal(0, first:wait(5), first:output())
+    local seen = {}
+    local server = T:server(queue, function(body, request)
+      seen[#seen + 1] = body .. (request.redelivered and " (redelivered)" or "")
+      return "second:" .. body
+    end)
+    assert.equal("second:next", client:call("next", 5))  -- the duplicate comes first, discarded
+    assert.same({"job (redelivered)", "next"}, seen)
+    assert.equal(1, client:stats().discarded)
+    assert.equal(2, server:stats().replies)
+  end)
+
+  it("keeps serving when a client is killed with requests in flight", function()
+    local T = H.scope(finally)
+    local queue = H.queue("orphans")
+    local server = T:server(queue, function(body) H.sleep(0.01) return body end, {prefetch = 10})
+    local child = T:spawn {code = [[
+      local c = assert(rpc.client(QUEUE, {url = URL}))
+      for i = 1, 30 do c:send("orphan " .. i) end
+      ready()
+      sleep(60)
+    ]], queue = queue}
+    child:wait_ready()
+    child:kill("KILL")
+    assert.equal(128 + 9, child:wait(5))
+    H.wait_until(function()
+      server:poll(0.1)
+      return server:stats().requests == 30
+    end, 10, "the orphaned requests to be served")
+    local client = T:client(queue)
+    assert.equal("still here", client:call("still here", 5))
+    assert.equal(0, server:stats().errors)
+    assert.is_true(server:stats().connected)
+  end)
 end)
