@@ -137,4 +137,25 @@ describe("resilience", function()
     assert.equal(0, server:stats().errors)
     assert.is_true(server:stats().connected)
   end)
+
+  it("ends calls within their timeout while the link is a blackhole, and calls again once it is back #slow", function()
+    local T = H.scope(finally)
+    local proxy = T:spawn {python = H.ROOT .. "/spec/support/proxy.py", args = {"0", tostring(H.PORT)}}
+    local port = tonumber(proxy:wait_output("ready (%d+)"):match("ready (%d+)"))
+    local queue = H.queue("blackhole")
+    T:server(queue, function(body) return "echo:" .. body end)
+    local client = T:client(queue, {url = H.url_with {port = port}, heartbeat = 1})
+    assert.equal("echo:a", client:call("a", 5))
+    proxy:kill("STOP")  -- nothing passes either way, and nobody says so
+    T:defer(function() proxy:kill("CONT") end)
+    for _ = 1, 3 do  -- each ends by its timeout or by the heartbeat, never later
+      local elapsed, reply, _, kind = H.timed(client.call, client, "lost?", 1.5)
+      assert.is_nil(reply)
+      assert.is_truthy(kind == "timeout" or kind == "connection", kind)
+      assert.is_true(elapsed < 1.5 + 1, ("took %.3f s with a 1.5 s timeout"):format(elapsed))
+    end
+    proxy:kill("CONT")
+    local reply = H.wait_until(function() return client:call("b", 2) end, 15, "a call once the link is back")
+    assert.equal("echo:b", reply)
+  end)
 end)
