@@ -123,13 +123,14 @@ static void keep(lua_State *L, struct rpc_client *c, int idx, const unsigned cha
   lua_pop(L, 1);
 }
 
-static void fail_all(lua_State *L, struct rpc_client *c, int idx) {
+static void fail_all(lua_State *L, struct rpc_client *c, int idx, const char *kind,
+                     const char *message) {
   for (size_t i = 0; c->open && i < c->pending.cap; i++) {
     struct rpc_call *call = &c->pending.slots[i];
     if (!call->used || call->state != CALL_WAITING) continue;
     unsigned char id[16];
     memcpy(id, call->id, 16);
-    keep(L, c, idx, id, CALL_FAILED, c->conn.error_kind, c->conn.error, strlen(c->conn.error));
+    keep(L, c, idx, id, CALL_FAILED, kind, message, strlen(message));
   }
 }
 
@@ -211,8 +212,12 @@ static int read_replies(lua_State *L, struct rpc_client *c, int idx, const unsig
     if (ev == EV_NONE) return 0;
     if (ev == EV_CANCELLED) conn_lost(&c->conn, "connection", "the broker cancelled the reply consumer");
     if (ev == EV_FAILED || ev == EV_CANCELLED) {
-      fail_all(L, c, idx);
+      fail_all(L, c, idx, c->conn.error_kind, c->conn.error);
       return 0;
+    }
+    if (ev == EV_BLOCKED) {  /* requests in flight may never be read: do not let them hang */
+      fail_all(L, c, idx, "blocked", c->conn.blocked);
+      continue;
     }
     int n = settle(L, c, idx, ev, target);
     conn_release_message(&c->conn);
@@ -320,11 +325,14 @@ static int ready_to_publish(lua_State *L, struct rpc_client *c, int idx, double 
   if (!c->open) return rpc_fail(L, "closed", "client closed");
   /* after a quiet spell the broker may have dropped us (missed heartbeats, a restart): read
    * first, so a dead connection is replaced before publishing rather than failing the call */
-  if (c->conn.amqp && rpc_now() - c->conn.last_pumped > RPC_HEARTBEAT_READ) {
-    static const unsigned char nobody[16];  /* no random uuid is all zeros */
+  static const unsigned char nobody[16];  /* no random uuid is all zeros */
+  if (c->conn.amqp && rpc_now() - c->conn.last_pumped > RPC_HEARTBEAT_READ)
     read_replies(L, c, idx, nobody);
-  }
   if (!c->conn.amqp && client_connect(c, limit)) return rpc_fail(L, c->conn.error_kind, c->conn.error);
+  if (c->conn.blocked[0]) {  /* the broker would not read the request: fail now, not at the timeout */
+    read_replies(L, c, idx, nobody);  /* unless it has unblocked meanwhile */
+    if (c->conn.blocked[0]) return rpc_fail(L, "blocked", c->conn.blocked);
+  }
   return 0;
 }
 
@@ -351,7 +359,7 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
   if (!conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props,
                     (amqp_bytes_t){len, (void *)body}, r->timeout))
     return 0;
-  fail_all(L, c, idx);
+  fail_all(L, c, idx, c->conn.error_kind, c->conn.error);
   return take(L, c, idx, pending_find(&c->pending, id));
 }
 

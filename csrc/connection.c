@@ -203,16 +203,20 @@ static int open_endpoint(struct rpc_conn *c, double limit) {
   struct timeval tv = timeval_of(limit);
   amqp_set_handshake_timeout(c->amqp, &tv);
   amqp_set_rpc_timeout(c->amqp, &tv);  /* bounds declare/consume/close; never hang on a mute peer */
-  /* 0.11 does not advertise consumer_cancel_notify: without it the broker never tells a
-   * consumer that its queue was deleted (rmqc#511); 0.11 merges this with its own list */
-  amqp_table_entry_t capability, property;
-  capability.key = amqp_cstring_bytes("consumer_cancel_notify");
-  capability.value.kind = AMQP_FIELD_KIND_BOOLEAN;
-  capability.value.value.boolean = 1;
+  /* 0.11 advertises neither: without consumer_cancel_notify the broker never tells a consumer
+   * its queue was deleted (rmqc#511), without connection.blocked a resource alarm silently
+   * stalls publishes (rmqc#519). 0.11 merges these with its own list. */
+  amqp_table_entry_t capabilities[2], property;
+  capabilities[0].key = amqp_cstring_bytes("consumer_cancel_notify");
+  capabilities[1].key = amqp_cstring_bytes("connection.blocked");
+  for (int i = 0; i < 2; i++) {
+    capabilities[i].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+    capabilities[i].value.value.boolean = 1;
+  }
   property.key = amqp_cstring_bytes("capabilities");
   property.value.kind = AMQP_FIELD_KIND_TABLE;
-  property.value.value.table.num_entries = 1;
-  property.value.value.table.entries = &capability;
+  property.value.value.table.num_entries = 2;
+  property.value.value.table.entries = capabilities;
   amqp_table_t properties = {1, &property};
   amqp_rpc_reply_t login =
       amqp_login_with_properties(c->amqp, e->vhost, 0, RPC_FRAME_MAX, c->heartbeat, &properties,
@@ -234,6 +238,7 @@ static int open_endpoint(struct rpc_conn *c, double limit) {
  * start): a cluster's nodes, or a primary and its standby. */
 int conn_open(struct rpc_conn *c, double limit) {
   if (limit > c->connect_timeout) limit = c->connect_timeout;
+  c->blocked[0] = '\0';
   int start = c->opened ? (c->current + 1) % c->n_endpoints : 0;
   for (int i = 0; i < c->n_endpoints; i++) {
     c->current = (start + i) % c->n_endpoints;
@@ -369,6 +374,15 @@ static enum conn_event on_method(struct rpc_conn *c, amqp_method_t *method) {
       return EV_NONE;
     case AMQP_BASIC_CANCEL_METHOD:
       return EV_CANCELLED;
+    case AMQP_CONNECTION_BLOCKED_METHOD: {
+      amqp_bytes_t reason = ((amqp_connection_blocked_t *)method->decoded)->reason;
+      snprintf(c->blocked, sizeof c->blocked, "%s blocks publishing: %.*s", c->where,
+               (int)reason.len, (const char *)reason.bytes);
+      return EV_BLOCKED;
+    }
+    case AMQP_CONNECTION_UNBLOCKED_METHOD:
+      c->blocked[0] = '\0';
+      return EV_NONE;
     case AMQP_CHANNEL_CLOSE_METHOD:
     case AMQP_CONNECTION_CLOSE_METHOD:
       return broker_closed(c, method);

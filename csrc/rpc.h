@@ -39,7 +39,7 @@ int opts_boolean(lua_State *L, int idx, const char *key, int def);
 double opts_check_timeout(lua_State *L, int idx, double def);
 
 /* ---- connection (connection.c): one AMQP connection with channel 1 open ---- */
-enum conn_event { EV_NONE, EV_DELIVERY, EV_RETURN, EV_CANCELLED, EV_FAILED };
+enum conn_event { EV_NONE, EV_DELIVERY, EV_RETURN, EV_CANCELLED, EV_BLOCKED, EV_FAILED };
 
 struct rpc_message {            /* a basic.deliver or basic.return being assembled */
   enum conn_event kind;         /* EV_NONE while idle */
@@ -70,6 +70,7 @@ struct rpc_conn {
   struct rpc_message msg;
   double last_pumped;             /* when the loop last serviced it (heartbeats) */
   const char *error_kind;       /* why it was lost, for the next caller */
+  char blocked[300];            /* why the broker blocks publishing (a resource alarm), or "" */
   char error[512];
 };
 
