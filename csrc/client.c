@@ -20,6 +20,8 @@ struct rpc_client {
   enum reply_mode mode;
   char reply_to[256];   /* what requests carry: the direct pseudo-queue or our queue's name */
   double timeout;
+  int confirm;           /* publisher confirms: a nack fails its call at once */
+  uint64_t published;    /* publishes on this connection: the broker's delivery tags */
   double expiration_of;  /* the timeout expiration was last written for */
   char expiration[24];   /* milliseconds, as text */
   struct rpc_pending pending;
@@ -45,6 +47,11 @@ static void set_reply_to(struct rpc_client *c, amqp_bytes_t name) {
 static int client_connect(struct rpc_client *c, double limit) {
   if (conn_open(&c->conn, limit)) return -1;
   amqp_connection_state_t a = c->conn.amqp;
+  c->published = 0;
+  if (c->confirm) {
+    amqp_confirm_select(a, RPC_CHANNEL);
+    if (conn_check_reply(&c->conn, "confirm.select")) return -1;
+  }
   if (c->mode != REPLY_DIRECT) {
     int named = c->mode == REPLY_NAMED;
     amqp_queue_declare_ok_t *ok =
@@ -60,7 +67,7 @@ static int client_connect(struct rpc_client *c, double limit) {
 }
 
 static const char *const client_options[] = {"url",     "urls",     "heartbeat", "connect_timeout",
-                                             "timeout", "reply_to", NULL};
+                                             "timeout", "reply_to", "confirm",   NULL};
 
 /* rpc.client(queue [, opts]): the client, or nil, message, kind. */
 static int client_new(lua_State *L) {
@@ -71,6 +78,7 @@ static int client_new(lua_State *L) {
   double timeout = opts_number(L, 2, "timeout", RPC_DEFAULT_CALL_TIMEOUT, 0.001, RPC_MAX_TIMEOUT);
   const char *reply_to = opts_string(L, 2, "reply_to", "direct", &rlen);
   luaL_argcheck(L, rlen > 0 && rlen < 256, 2, "option 'reply_to' must be 1 to 255 bytes");
+  int confirm = opts_boolean(L, 2, "confirm", 0);
 
   struct rpc_client *c = lua_newuserdatauv(L, sizeof *c, 1);
   memset(c, 0, sizeof *c);
@@ -82,6 +90,7 @@ static int client_new(lua_State *L) {
   conn_init(L, &c->conn, 2);
   memcpy(c->queue, queue, qlen + 1);
   c->timeout = timeout;
+  c->confirm = confirm;
   if (strcmp(reply_to, "direct") == 0) {
     c->mode = REPLY_DIRECT;
     strcpy(c->reply_to, RPC_DIRECT_REPLY_TO);
@@ -131,6 +140,21 @@ static void fail_all(lua_State *L, struct rpc_client *c, int idx, const char *ki
     unsigned char id[16];
     memcpy(id, call->id, 16);
     keep(L, c, idx, id, CALL_FAILED, kind, message, strlen(message));
+  }
+}
+
+/* Publisher confirms: the broker refused the publishes up to (or at) the nacked tag. */
+static void fail_nacked(lua_State *L, struct rpc_client *c, int idx) {
+  static const char message[] = "the broker refused the request (basic.nack: a full queue that "
+                                "rejects publishes, or an internal error)";
+  for (size_t i = 0; c->open && i < c->pending.cap; i++) {
+    struct rpc_call *call = &c->pending.slots[i];
+    if (!call->used || call->state != CALL_WAITING || !call->seq) continue;
+    if (call->seq == c->conn.nacked || (c->conn.nacked_multiple && call->seq < c->conn.nacked)) {
+      unsigned char id[16];
+      memcpy(id, call->id, 16);
+      keep(L, c, idx, id, CALL_FAILED, "broker", message, sizeof message - 1);
+    }
   }
 }
 
@@ -214,6 +238,10 @@ static int read_replies(lua_State *L, struct rpc_client *c, int idx, const unsig
     if (ev == EV_FAILED || ev == EV_CANCELLED) {
       fail_all(L, c, idx, c->conn.error_kind, c->conn.error);
       return 0;
+    }
+    if (ev == EV_NACKED) {
+      fail_nacked(L, c, idx);
+      continue;
     }
     if (ev == EV_BLOCKED) {  /* requests in flight may never be read: do not let them hang */
       fail_all(L, c, idx, "blocked", c->conn.blocked);
@@ -354,6 +382,7 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
   if (!call) return luaL_error(L, "not enough memory");
   call->timeout = r->timeout;
   call->deadline = rpc_now() + r->timeout;
+  call->seq = c->confirm ? ++c->published : 0;
   c->stats.calls++;
   /* mandatory: an unroutable request comes back as basic.return and fails the call at once */
   if (!conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props,

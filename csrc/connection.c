@@ -380,6 +380,12 @@ static enum conn_event on_method(struct rpc_conn *c, amqp_method_t *method) {
                (int)reason.len, (const char *)reason.bytes);
       return EV_BLOCKED;
     }
+    case AMQP_BASIC_NACK_METHOD: {
+      const amqp_basic_nack_t *nack = method->decoded;
+      c->nacked = nack->delivery_tag;
+      c->nacked_multiple = nack->multiple;
+      return EV_NACKED;
+    }
     case AMQP_CONNECTION_UNBLOCKED_METHOD:
       c->blocked[0] = '\0';
       return EV_NONE;

@@ -39,7 +39,7 @@ int opts_boolean(lua_State *L, int idx, const char *key, int def);
 double opts_check_timeout(lua_State *L, int idx, double def);
 
 /* ---- connection (connection.c): one AMQP connection with channel 1 open ---- */
-enum conn_event { EV_NONE, EV_DELIVERY, EV_RETURN, EV_CANCELLED, EV_BLOCKED, EV_FAILED };
+enum conn_event { EV_NONE, EV_DELIVERY, EV_RETURN, EV_CANCELLED, EV_BLOCKED, EV_NACKED, EV_FAILED };
 
 struct rpc_message {            /* a basic.deliver or basic.return being assembled */
   enum conn_event kind;         /* EV_NONE while idle */
@@ -71,6 +71,8 @@ struct rpc_conn {
   double last_pumped;             /* when the loop last serviced it (heartbeats) */
   const char *error_kind;       /* why it was lost, for the next caller */
   char blocked[300];            /* why the broker blocks publishing (a resource alarm), or "" */
+  uint64_t nacked;              /* publisher confirms: the last basic.nack's delivery tag */
+  int nacked_multiple;
   char error[512];
 };
 
@@ -107,6 +109,7 @@ struct rpc_call {
   int ref;                      /* the reply or failure text, kept for its waiter (LUA_NOREF) */
   int waited;                   /* a wait() is under way on it */
   double timeout, deadline;     /* of send(): wait()'s defaults; the timeout is for messages */
+  uint64_t seq;                 /* its publish's number, for publisher confirms */
 };
 
 struct rpc_pending {

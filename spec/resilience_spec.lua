@@ -182,4 +182,23 @@ describe("resilience", function()
     assert.equal("ok:after", H.wait_until(function() return client:call("after", 1) end, 15,
                                           "publishing to be unblocked"))
   end)
+
+  it("with confirm = true, fails a call at once when the broker refuses its request (basic.nack)", function()
+    local T = H.scope(finally)
+    local queue = H.queue("full")
+    local declared = H.amqp1 {op = "declare", queue = queue,
+                              arguments = {["x-max-length"] = 1, ["x-overflow"] = "reject-publish"}}
+    assert.is_true(declared.ok, H.read_file and tostring(declared.text))
+    local confirming = T:client(queue, {confirm = true})
+    confirming:send("fills the queue")
+    local elapsed, reply, message, kind = H.timed(confirming.call, confirming, "one too many", 5)
+    assert.is_nil(reply)
+    assert.equal("broker", kind)
+    assert.matches("basic.nack", message, 1, true)
+    assert.is_true(elapsed < 1, ("took %.3f s with a 5 s timeout"):format(elapsed))
+    local plain = T:client(queue)  -- without confirms the same request just times out
+    assert.equal("timeout", select(3, plain:call("one too many", 0.5)))
+    assert.matches("bad argument #2 to 'client' %(option 'confirm' must be a boolean",
+      H.error_of(function() T:client(queue, {confirm = 1}) end))
+  end)
 end)
