@@ -67,6 +67,8 @@ describe("errors", function()
       assert.equal("connection", kind, message)
       assert.is_string(message)
       assert.is_true(elapsed < 20, ("the call noticed after %.1f s"):format(elapsed))
+      T:server(queue, function(body) return "back:" .. body end)
+      assert.equal("back:next", client:call("next", 5))  -- the next call reconnects
     end)
   end)
 

@@ -201,4 +201,26 @@ describe("resilience", function()
     assert.matches("bad argument #2 to 'client' %(option 'confirm' must be a boolean",
       H.error_of(function() T:client(queue, {confirm = 1}) end))
   end)
+
+  it("ends every call within its timeout when the link is reset mid-call, many times #slow", function()
+    local T = H.scope(finally)
+    local proxy = T:spawn {python = H.ROOT .. "/spec/support/proxy.py", args = {"0", tostring(H.PORT)}}
+    local port = tonumber(proxy:wait_output("ready (%d+)"):match("ready (%d+)"))
+    local queue = H.queue("resets")
+    T:spawn {code = [[
+      local server = assert(rpc.server(QUEUE, function(body) sleep(0.3) return "slow:" .. body end,
+                                       {url = URL}))
+      ready()
+      server:run()
+    ]], queue = queue}:wait_ready()
+    local client = T:client(queue, {url = H.url_with {port = port}})
+    for round = 1, 8 do
+      T:spawn {sh = "sleep 0.1; kill -USR1 " .. proxy.pid}  -- mid-call: the handler takes 0.3 s
+      local elapsed, reply, message, kind = H.timed(client.call, client, "cut " .. round, 3)
+      assert.is_nil(reply, "round " .. round .. " got a reply through a cut link")
+      assert.equal("connection", kind, message)
+      assert.is_true(elapsed < 1, ("round %d took %.3f s"):format(round, elapsed))
+      assert.equal("slow:whole " .. round, client:call("whole " .. round, 3))
+    end
+  end)
 end)
