@@ -223,4 +223,41 @@ describe("resilience", function()
       assert.equal("slow:whole " .. round, client:call("whole " .. round, 3))
     end
   end)
+
+  it("ends every call in flight when the broker's app stops under load, and recovers #slow", function()
+    local T = H.scope(finally)
+    local queue = H.queue("restart-load")
+    local server = T:spawn {code = [[
+      local server = assert(rpc.server(QUEUE, function(body) sleep(0.02) return "ok:" .. body end,
+        {url = URL, prefetch = 10, log = function(line) io.stderr:write(line, "\n") end}))
+      ready()
+      server:run()
+    ]], queue = queue}
+    server:wait_ready()
+    local client = T:client(queue)
+    local ids = {}
+    for i = 1, 40 do ids[i] = client:send("load " .. i, {timeout = 5}) end
+    T:defer(function() H.ctl("start_app") end)
+    local out, status = H.ctl("stop_app")
+    assert.equal(0, status, out)
+    local replied, failed = 0, 0
+    local t0 = H.now()
+    for i = 1, 40 do
+      local reply, message, kind = client:wait(ids[i])
+      if reply then
+        assert.equal("ok:load " .. i, reply)
+        replied = replied + 1
+      else
+        assert.is_truthy(kind == "connection" or kind == "timeout", kind .. ": " .. tostring(message))
+        failed = failed + 1
+      end
+    end
+    assert.is_true(H.now() - t0 < 5 + 1, "the waits took longer than their timeout")
+    assert.equal(40, replied + failed)
+    assert.is_true(failed > 0, "the restart came too late to catch any call in flight")
+    out, status = H.ctl("start_app")
+    assert.equal(0, status, out)
+    assert.equal("ok:after", H.wait_until(function() return client:call("after", 2) end, 30,
+                                          "a call to succeed after start_app"))
+  end)
 end)
