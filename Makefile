@@ -20,7 +20,7 @@ BUSTED = $(LUA) /usr/bin/busted
 SRC = $(wildcard csrc/*.c)
 MODULE = build/rpc/core.so
 
-.PHONY: all deps test demo bench bench-million check memcheck broker-start broker-stop clean
+.PHONY: all deps test demo bench bench-million soak check memcheck broker-start broker-stop clean
 
 all: $(MODULE)
 
@@ -48,6 +48,9 @@ bench: deps all broker-start
 
 bench-million: deps all broker-start
 	@bench/run.sh --million $(BENCH_MILLION)
+
+soak: deps all broker-start
+	@$(LUA) scripts/soak.lua $(SOAK_ARGS)
 
 check: $(SRC)
 	$(CC) $(CFLAGS) -fsyntax-only $(SRC)
