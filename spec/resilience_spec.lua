@@ -79,8 +79,7 @@ describe("resilience", function()
 
   it("ends a call whose publish stalls on a peer that stopped reading, within its timeout #slow", function()
     local T = H.scope(finally)
-    local proxy = T:spawn {python = H.ROOT .. "/spec/support/proxy.py", args = {"0", tostring(H.PORT)}}
-    local port = tonumber(proxy:wait_output("ready (%d+)"):match("ready (%d+)"))
+    local proxy, port = T:proxy()
     local queue = H.queue("stalled")
     T:server(queue, function(body) return #body end)
     local client = T:client(queue, {url = H.url_with {port = port}})
@@ -140,8 +139,7 @@ describe("resilience", function()
 
   it("ends calls within their timeout while the link is a blackhole, and calls again once it is back #slow", function()
     local T = H.scope(finally)
-    local proxy = T:spawn {python = H.ROOT .. "/spec/support/proxy.py", args = {"0", tostring(H.PORT)}}
-    local port = tonumber(proxy:wait_output("ready (%d+)"):match("ready (%d+)"))
+    local proxy, port = T:proxy()
     local queue = H.queue("blackhole")
     T:server(queue, function(body) return "echo:" .. body end)
     local client = T:client(queue, {url = H.url_with {port = port}, heartbeat = 1})
@@ -204,8 +202,7 @@ describe("resilience", function()
 
   it("ends every call within its timeout when the link is reset mid-call, many times #slow", function()
     local T = H.scope(finally)
-    local proxy = T:spawn {python = H.ROOT .. "/spec/support/proxy.py", args = {"0", tostring(H.PORT)}}
-    local port = tonumber(proxy:wait_output("ready (%d+)"):match("ready (%d+)"))
+    local proxy, port = T:proxy()
     local queue = H.queue("resets")
     T:spawn {code = [[
       local server = assert(rpc.server(QUEUE, function(body) sleep(0.3) return "slow:" .. body end,

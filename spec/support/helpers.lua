@@ -462,6 +462,12 @@ function Scope:spawn(spec)
   return child
 end
 
+--- A TCP proxy to the spec broker (spec/support/proxy.py): the child and its port.
+function Scope:proxy()
+  local proxy = self:spawn {python = H.ROOT .. "/spec/support/proxy.py", args = {"0", tostring(H.PORT)}}
+  return proxy, tonumber(proxy:wait_output("ready (%d+)"):match("ready (%d+)"))
+end
+
 --- A child that sends SIGTERM to this process after seconds: a guard around server:run() in
 -- the busted process (run returns on SIGTERM). Stop it (child:stop()) as soon as run returns.
 function Scope:watchdog(seconds)
