@@ -146,6 +146,11 @@ describe("resilience", function()
     assert.equal("echo:a", client:call("a", 5))
     proxy:kill("STOP")  -- nothing passes either way, and nobody says so
     T:defer(function() proxy:kill("CONT") end)
+    -- heartbeat 1: the silence is noticed after about two heartbeats, long before the timeout
+    local elapsed0, reply0, message0, kind0 = H.timed(client.call, client, "silence", 20)
+    assert.is_nil(reply0)
+    assert.equal("connection", kind0, message0)
+    assert.is_true(elapsed0 < 4, ("noticed after %.3f s with heartbeat 1"):format(elapsed0))
     for _ = 1, 3 do  -- each ends by its timeout or by the heartbeat, never later
       local elapsed, reply, _, kind = H.timed(client.call, client, "lost?", 1.5)
       assert.is_nil(reply)
