@@ -88,13 +88,13 @@ static void serve_one(lua_State *L, struct rpc_loop *loop, struct rpc_server *s)
 
 /* Serves the first server with input already buffered, or due a read for its heartbeats, or
  * due a reconnect. */
-static int serve_buffered(lua_State *L, struct rpc_loop *loop, double now) {
+static int serve_buffered(lua_State *L, struct rpc_loop *loop, double now, double limit) {
   for (struct rpc_server *s = loop->servers; s; s = server_next(s)) {
     if (server_due(s, now)) {
       rotate(loop, s);
       push_anchors(L);
       lua_rawgetp(L, -1, s);
-      server_reconnect(L, lua_gettop(L));
+      server_reconnect(L, lua_gettop(L), limit);
       lua_pop(L, 2);
       return 1;
     }
@@ -116,7 +116,9 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
   double now = rpc_now();
   /* rabbitmq-c sends and checks heartbeats only inside its calls: have own read often */
   if (own && (conn_has_input(own) || now - own->last_pumped > RPC_HEARTBEAT_READ)) return 1;
-  if (serve_buffered(L, loop, now)) return own != NULL;
+  /* a reconnect must not hold a waiting call past its deadline (run() has no real one) */
+  double limit = own ? fmax(deadline - now, 0.05) : HUGE_VAL;
+  if (serve_buffered(L, loop, now, limit)) return own != NULL;
 
   struct pollfd fds[MAX_POLLED];
   struct rpc_server *polled[MAX_POLLED];

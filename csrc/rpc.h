@@ -144,7 +144,7 @@ struct rpc_server *server_next(struct rpc_server *s);
 void server_set_next(struct rpc_server *s, struct rpc_server *next);
 int server_servable(const struct rpc_server *s);
 int server_due(const struct rpc_server *s, double now);  /* down, and its retry time has come */
-void server_reconnect(lua_State *L, int idx);
+void server_reconnect(lua_State *L, int idx, double limit);  /* limit: seconds */
 int server_service(lua_State *L, int idx);
 
 /* ---- Lua types ---- */

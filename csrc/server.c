@@ -171,10 +171,10 @@ static void schedule_retry(lua_State *L, struct rpc_server *s, int idx) {
 static int declare_and_consume(lua_State *L, struct rpc_server *s, int idx);
 
 /* One reconnect attempt, from the loop: connect, declare, consume, as at the start. */
-void server_reconnect(lua_State *L, int idx) {
+void server_reconnect(lua_State *L, int idx, double limit) {
   struct rpc_server *s = check_server(L, idx);
   s->busy = 1;  /* declare runs no handler, but the loop must not pick it twice */
-  int failed = conn_open(&s->conn, s->conn.connect_timeout) || declare_and_consume(L, s, idx);
+  int failed = conn_open(&s->conn, limit) || declare_and_consume(L, s, idx);
   s->busy = 0;
   if (failed) {
     schedule_retry(L, s, idx);
