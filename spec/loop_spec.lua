@@ -80,24 +80,30 @@ describe("the wait loop", function()
     assert.equal("back:y", client:call("y", 5))
   end)
 
-  it("survives a finalizer that closes the client while replies are being kept", function()
+  it("ends a wait with 'closed' when a finalizer closes the client while replies are kept", function()
     local T = H.scope(finally)
     local queue = H.queue("finalizer")
-    T:server(queue, function(body) return body end, {prefetch = 50})
+    T:server(queue, function(body) return body end, {prefetch = 100})
     local client = T:client(queue)
-    for round = 1, 20 do
-      local ids = {}
-      for i = 1, 20 do ids[i] = client:send(("x"):rep(1000)) end
-      setmetatable({}, {__gc = function() if round == 20 then client:close() end end})
-      collectgarbage("step", 1)
-      for i = 20, 1, -1 do
-        local reply, _, kind = client:wait(ids[i], 5)
-        if client:stats() and reply == nil then assert.equal("closed", kind) end
-        if reply == nil then break end
-      end
-      if tostring(client):find("closed") then break end
+    local ids = {}
+    for i = 1, 100 do ids[i] = client:send(("x"):rep(20000)) end  -- 2 MB of replies to keep
+    local waiting, closed_during_wait, where = false, false, nil
+    do  -- garbage whose finalizer closes the client
+      setmetatable({}, {__gc = function()
+        closed_during_wait = waiting
+        where = debug.traceback()
+        client:close()
+      end})
     end
-    collectgarbage()
+    T:defer(function() collectgarbage("incremental", 200, 100, 13) end)
+    collectgarbage("incremental", 0, 1000, 10)  -- a whole cycle within the wait's allocations
+    waiting = true
+    local reply, message, kind = client:wait(ids[100], 5)  -- keeps the 99 others' replies first
+    waiting = false
+    collectgarbage("incremental", 200, 100, 13)
+    assert.is_true(closed_during_wait, "the finalizer did not run during the wait: " .. tostring(where))
+    assert.is_nil(reply)
+    assert.equal("closed", kind, message)
     assert.equal("closed", select(3, client:call("x")))
   end)
 
