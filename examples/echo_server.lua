@@ -4,7 +4,8 @@ package.path = arg[0]:gsub("[^/]*$", "") .. "../lua/?.lua;" .. package.path     
 package.cpath = arg[0]:gsub("[^/]*$", "") .. "../build/?.so;" .. package.cpath
 local rpc = require "rpc"
 
-local server, message, kind = rpc.server(arg[1] or "echo", function(body) return body end)
+local log = function(line) io.stderr:write(line, "\n") end  -- reconnects, if the broker goes away
+local server, message, kind = rpc.server(arg[1] or "echo", function(body) return body end, {log = log})
 if server then
   print(" [x] Echoing requests")  -- the queue is declared and consumed from here on
   io.stdout:setvbuf("line")

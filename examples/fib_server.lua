@@ -21,7 +21,8 @@ local function handle(body)
   return fib(n)
 end
 
-local server, message, kind = rpc.server(os.getenv("RPC_QUEUE") or "rpc_queue", handle)
+local log = function(line) io.stderr:write(line, "\n") end  -- reconnects, if the broker goes away
+local server, message, kind = rpc.server(os.getenv("RPC_QUEUE") or "rpc_queue", handle, {log = log})
 if server then
   print(" [x] Awaiting RPC requests")  -- the queue is declared and consumed from here on
   io.stdout:setvbuf("line")
