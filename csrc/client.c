@@ -268,6 +268,7 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
     if (ready) {
       int n = read_replies(L, c, idx, id);
       if (n) return n;
+      if (!c->open) continue;  /* a finalizer run by a kept reply's allocation closed it */
       call = pending_find(&c->pending, id);
       if (call->state != CALL_WAITING) continue;
     }
@@ -389,6 +390,7 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
                     (amqp_bytes_t){len, (void *)body}, r->timeout))
     return 0;
   fail_all(L, c, idx, c->conn.error_kind, c->conn.error);
+  if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
   return take(L, c, idx, pending_find(&c->pending, id));
 }
 
