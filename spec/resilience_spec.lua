@@ -230,7 +230,7 @@ describe("resilience", function()
     local T = H.scope(finally)
     local queue = H.queue("restart-load")
     local server = T:spawn {code = [[
-      local server = assert(rpc.server(QUEUE, function(body) sleep(0.02) return "ok:" .. body end,
+      local server = assert(rpc.server(QUEUE, function(body) sleep(0.05) return "ok:" .. body end,
         {url = URL, prefetch = 10, log = function(line) io.stderr:write(line, "\n") end}))
       ready()
       server:run()
@@ -238,13 +238,13 @@ describe("resilience", function()
     server:wait_ready()
     local client = T:client(queue)
     local ids = {}
-    for i = 1, 40 do ids[i] = client:send("load " .. i, {timeout = 5}) end
+    for i = 1, 100 do ids[i] = client:send("load " .. i, {timeout = 10}) end  -- 5 s of work
     T:defer(function() H.ctl("start_app") end)
     local out, status = H.ctl("stop_app")
     assert.equal(0, status, out)
     local replied, failed = 0, 0
     local t0 = H.now()
-    for i = 1, 40 do
+    for i = 1, 100 do
       local reply, message, kind = client:wait(ids[i])
       if reply then
         assert.equal("ok:load " .. i, reply)
@@ -254,8 +254,8 @@ describe("resilience", function()
         failed = failed + 1
       end
     end
-    assert.is_true(H.now() - t0 < 5 + 1, "the waits took longer than their timeout")
-    assert.equal(40, replied + failed)
+    assert.is_true(H.now() - t0 < 10 + 1, "the waits took longer than their timeout")
+    assert.equal(100, replied + failed)
     assert.is_true(failed > 0, "the restart came too late to catch any call in flight")
     out, status = H.ctl("start_app")
     assert.equal(0, status, out)
