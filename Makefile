@@ -9,7 +9,7 @@ WARN = -Wall -Wextra -Wshadow -Wconversion -Wno-sign-conversion -Wpointer-arith 
 CFLAGS ?= -O2 -g
 CFLAGS += -std=c99 -fPIC $(WARN) -I$(LUA_INCDIR) -I$(RABBITMQ_INCDIR) -I$(UUID_INCDIR)
 LIBFLAG ?= -shared
-LIBS = -lrabbitmq -luuid -lm
+LIBS = -lrabbitmq -luuid -lssl -lcrypto -lm
 
 BROKER = scripts/broker.sh
 BROKER_PORT ?= 5673

@@ -10,6 +10,7 @@
 
 #define CLIENT_MT "rpc.client"
 #define UV_OUTCOMES 1  /* a table: replies kept for a later wait, by luaL_ref */
+#define CLIENT_MAX_BODY 134217728  /* RabbitMQ's own default max_message_size: 128 MiB */
 
 enum reply_mode { REPLY_DIRECT, REPLY_EXCLUSIVE, REPLY_NAMED };
 
@@ -67,7 +68,8 @@ static int client_connect(struct rpc_client *c, double limit) {
 }
 
 static const char *const client_options[] = {"url",     "urls",     "heartbeat", "connect_timeout",
-                                             "timeout", "reply_to", "confirm",   NULL};
+                                             "timeout", "reply_to", "confirm",   "max_body",
+                                             "tls",     NULL};
 
 /* rpc.client(queue [, opts]): the client, or nil, message, kind. */
 static int client_new(lua_State *L) {
@@ -87,7 +89,7 @@ static int client_new(lua_State *L) {
   lua_setiuservalue(L, -2, UV_OUTCOMES);
   init_amqp_pool(&c->pool, 4096);
   c->open = 1;  /* from here on, close (and so __gc) frees whatever is acquired */
-  conn_init(L, &c->conn, 2);
+  conn_init(L, &c->conn, 2, CLIENT_MAX_BODY);
   memcpy(c->queue, queue, qlen + 1);
   c->timeout = timeout;
   c->confirm = confirm;
@@ -183,6 +185,14 @@ static int push_result(lua_State *L, enum call_state state, const char *kind, co
   return 3;
 }
 
+/* A server says "too_large" when it refused the request for its size; any other error is the
+ * handler's, "remote". Only known kinds pass: a server cannot invent one. */
+static const char *remote_kind(const amqp_basic_properties_t *p) {
+  size_t len;
+  const char *kind = conn_header(p, RPC_ERROR_KIND_HEADER, &len);
+  return kind && len == 9 && memcmp(kind, "too_large", 9) == 0 ? "too_large" : "remote";
+}
+
 /* Settles the call the message in hand answers. If it is target, pushes the result straight
  * from the frame (the one copy of the body) and returns its count; a reply for another
  * pending call is kept for its wait; any other is discarded and counted. */
@@ -211,8 +221,14 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
     len = strlen(text);
     kind = "no_route";
     c->stats.no_route++;
+  } else if (m->oversized) {
+    snprintf(text, sizeof text, "the reply of %zu bytes is over max_body (%zu)", m->size, c->conn.max_body);
+    data = text;
+    len = strlen(text);
+    kind = "too_large";
+    c->stats.replies++;
   } else if ((data = conn_header(m->props, RPC_ERROR_HEADER, &len))) {
-    kind = "remote";
+    kind = remote_kind(m->props);
     c->stats.replies++;
     c->stats.remote_errors++;
   } else {
@@ -338,7 +354,7 @@ static void read_request(lua_State *L, struct rpc_client *c, int arg, const char
   r->exchange = short_string(L, arg, "exchange", "");
   r->routing_key = short_string(L, arg, "routing_key", c->queue);
   if (keys == send_options) r->timeout = opts_number(L, arg, "timeout", r->timeout, 0.001, RPC_MAX_TIMEOUT);
-  if (lua_getfield(L, arg, "headers") != LUA_TNIL) {
+  if (opts_get(L, arg, "headers") != LUA_TNIL) {
     if (!lua_istable(L, -1))
       luaL_argerror(L, arg, lua_pushfstring(L, "option 'headers' must be a table, got %s",
                                             luaL_typename(L, -1)));
@@ -365,10 +381,19 @@ static int ready_to_publish(lua_State *L, struct rpc_client *c, int idx, double 
   return 0;
 }
 
+static int too_large(lua_State *L, const struct rpc_client *c, size_t len) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "request body of %I bytes is over max_body (%I)", (lua_Integer)len,
+                  (lua_Integer)c->conn.max_body);
+  lua_pushliteral(L, "too_large");
+  return 3;
+}
+
 /* Publishes one request under a fresh id (its text in id_text). Returns 0, or pushes the
  * failure and returns 3: a failed publish loses the connection, and fails every call on it. */
 static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *r,
                    const char *body, size_t len, unsigned char id[16], char id_text[37]) {
+  if (len > c->conn.max_body) return too_large(L, c, len);
   uuid_generate_random(id);
   uuid_unparse_lower(id, id_text);
   if (r->timeout != c->expiration_of) {  /* printing a double costs more than the rest */
@@ -478,6 +503,17 @@ static int client_call_all(lua_State *L) {
   r.timeout = opts_check_timeout(L, 3, c->timeout);
   if (c->open) recycle_amqp_pool(&c->pool);
   read_request(L, c, 4, call_options, &r);
+  for (lua_Integer i = 1; i <= n; i++) {  /* all or nothing: none is sent if one is too large */
+    lua_rawgeti(L, 2, i);
+    size_t len = lua_rawlen(L, -1);
+    lua_pop(L, 1);
+    if (len > c->conn.max_body) {
+      too_large(L, c, len);
+      lua_pushfstring(L, "request %I of %I: %s", i, n, lua_tostring(L, -2));
+      lua_replace(L, -3);
+      return 3;
+    }
+  }
   int failed = ready_to_publish(L, c, 1, r.timeout);
   if (failed) return failed;
   unsigned char (*ids)[16] = lua_newuserdatauv(L, sizeof *ids * (size_t)(n ? n : 1), 0);

@@ -10,7 +10,10 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 
+#include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #include "rpc.h"
 
@@ -27,20 +30,21 @@ static void set_where(struct rpc_endpoint *e) {
   const char *vhost = strcmp(e->vhost, "/") == 0 ? "" : e->vhost;
   size_t n = strlen(e->user) + strlen(e->host) + strlen(vhost) + 32;
   e->where = malloc(n);
-  if (e->where) snprintf(e->where, n, "amqp://%s@%s:%d/%s", e->user, e->host, e->port, vhost);
+  if (e->where)
+    snprintf(e->where, n, "%s://%s@%s:%d/%s", e->tls ? "amqps" : "amqp", e->user, e->host, e->port,
+             vhost);
 }
 
 /* Parses url into e. Returns NULL, or why it cannot be used. */
-static const char *parse_endpoint(const char *url, struct rpc_endpoint *e) {
+static const char *parse_endpoint(const char *url, size_t len, struct rpc_endpoint *e) {
   struct amqp_connection_info info;
   char *scratch = copy_string(url);
   if (!scratch) return "not enough memory";
   const char *bad = NULL;
-  if (amqp_parse_url(scratch, &info) != AMQP_STATUS_OK)
-    bad = "invalid url (expected amqp://user:password@host:port/vhost)";
-  else if (info.ssl)
-    bad = "amqps:// urls are not supported yet";
+  if (strlen(url) != len || amqp_parse_url(scratch, &info) != AMQP_STATUS_OK)
+    bad = "invalid url (expected amqp://user:password@host:port/vhost or amqps://...)";
   if (!bad) {
+    e->tls = info.ssl;
     e->host = copy_string(info.host);
     e->user = copy_string(info.user);
     e->password = copy_string(info.password);
@@ -54,17 +58,57 @@ static const char *parse_endpoint(const char *url, struct rpc_endpoint *e) {
   return bad;
 }
 
-/* The options table at idx gives url or urls, heartbeat and connect_timeout. Raises on bad
- * values; what it allocates is freed by conn_free, which the owner's __gc calls. */
-void conn_init(lua_State *L, struct rpc_conn *c, int idx) {
+static const char *const tls_options[] = {"ca", "cert", "key", "verify", "verify_hostname", NULL};
+
+static char *tls_path(lua_State *L, int idx, int argn, const char *key) {
+  size_t len;
+  const char *path = opts_string(L, idx, key, NULL, &len);
+  if (!path) return NULL;
+  if (len == 0 || strlen(path) != len)
+    luaL_argerror(L, argn, lua_pushfstring(L, "option 'tls.%s' must be a file path", key));
+  char *copy = copy_string(path);
+  if (!copy) luaL_error(L, "not enough memory");
+  return copy;
+}
+
+/* opts.tls at idx: checked before anything is allocated, then copied. */
+static void read_tls(lua_State *L, struct rpc_conn *c, int idx) {
+  c->tls.verify = c->tls.verify_hostname = 1;  /* safe unless asked otherwise */
+  int any_tls = 0;
+  for (int i = 0; i < c->n_endpoints; i++) any_tls |= c->endpoints[i].tls;
+  if (opts_get(L, idx, "tls") == LUA_TNIL) {
+    lua_pop(L, 1);
+    return;
+  }
+  if (!lua_istable(L, -1))
+    luaL_argerror(L, idx, lua_pushfstring(L, "option 'tls' must be a table, got %s", luaL_typename(L, -1)));
+  if (!any_tls) luaL_argerror(L, idx, "option 'tls' needs an amqps:// url");
+  int t = lua_gettop(L);
+  opts_check_keys(L, t, tls_options);
+  size_t n;
+  int has_cert = opts_string(L, t, "cert", NULL, &n) != NULL, has_key = opts_string(L, t, "key", NULL, &n) != NULL;
+  if (has_cert != has_key) luaL_argerror(L, idx, "options 'tls.cert' and 'tls.key' go together");
+  opts_string(L, t, "ca", NULL, &n);
+  c->tls.verify = opts_boolean(L, t, "verify", 1);
+  c->tls.verify_hostname = opts_boolean(L, t, "verify_hostname", 1);
+  c->tls.ca = tls_path(L, t, idx, "ca");  /* freed by conn_free, if a later one raises */
+  c->tls.cert = tls_path(L, t, idx, "cert");
+  c->tls.key = tls_path(L, t, idx, "key");
+  lua_pop(L, 1);
+}
+
+/* The options table at idx gives url or urls, tls, heartbeat, connect_timeout and max_body.
+ * Raises on bad values; what it allocates is freed by conn_free, which the owner's __gc calls. */
+void conn_init(lua_State *L, struct rpc_conn *c, int idx, size_t max_body) {
   c->heartbeat = (int)opts_integer(L, idx, "heartbeat", RPC_DEFAULT_HEARTBEAT, 0, 3600);
   c->connect_timeout =
       opts_number(L, idx, "connect_timeout", RPC_DEFAULT_CONNECT_TIMEOUT, 0.001, RPC_MAX_TIMEOUT);
-  int list = !lua_isnoneornil(L, idx) && lua_getfield(L, idx, "urls") != LUA_TNIL;
+  c->max_body = (size_t)opts_integer(L, idx, "max_body", (lua_Integer)max_body, 0, RPC_MAX_BODY_LIMIT);
+  int list = opts_get(L, idx, "urls") != LUA_TNIL;
   if (list) {
     if (!lua_istable(L, -1) || lua_rawlen(L, -1) == 0)
       luaL_argerror(L, idx, "option 'urls' must be a non-empty list of urls");
-    lua_getfield(L, idx, "url");
+    opts_get(L, idx, "url");
     if (!lua_isnil(L, -1)) luaL_argerror(L, idx, "give option 'url' or 'urls', not both");
     lua_pop(L, 1);
   }
@@ -75,19 +119,21 @@ void conn_init(lua_State *L, struct rpc_conn *c, int idx) {
   c->n_endpoints = (int)n;
   for (lua_Integer i = 0; i < n; i++) {
     const char *url;
+    size_t len;
     if (list) {
       if (lua_rawgeti(L, -1, i + 1) != LUA_TSTRING)
         luaL_argerror(L, idx, lua_pushfstring(L, "urls[%I] must be a string", i + 1));
-      url = lua_tostring(L, -1);  /* the list keeps it alive */
+      url = lua_tolstring(L, -1, &len);  /* the list keeps it alive */
       lua_pop(L, 1);
     } else {
       const char *env = getenv("RPC_URL");
-      url = opts_string(L, idx, "url", env && *env ? env : DEFAULT_URL, NULL);
+      url = opts_string(L, idx, "url", env && *env ? env : DEFAULT_URL, &len);
     }
-    const char *bad = parse_endpoint(url, &c->endpoints[i]);
+    const char *bad = parse_endpoint(url, len, &c->endpoints[i]);
     if (bad) luaL_argerror(L, idx, bad);
   }
-  if (!lua_isnoneornil(L, idx)) lua_pop(L, 1);  /* urls, or nil */
+  lua_pop(L, 1);  /* urls, or nil */
+  read_tls(L, c, idx);
   c->where = c->endpoints[0].where;
 }
 
@@ -162,14 +208,70 @@ static struct timeval timeval_of(double seconds) {
   return tv;
 }
 
+/* OpenSSL's reason for the last failure, for people: "certificate verify failed". */
+static const char *openssl_reason(void) {
+  const char *reason = ERR_reason_error_string(ERR_peek_last_error());
+  return reason ? reason : "the peer closed the connection or spoke something else than TLS";
+}
+
+/* 0.11 verifies the chain after the handshake and keeps only a status: record OpenSSL's first
+ * complaint, so the message can say what was wrong with the certificate. */
+static int note_verify_error(int ok, X509_STORE_CTX *store) {
+  SSL *ssl = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
+  struct rpc_conn *c = ssl ? SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl)) : NULL;
+  if (!ok && c && !c->tls_problem[0])
+    snprintf(c->tls_problem, sizeof c->tls_problem, "%s",
+             X509_verify_cert_error_string(X509_STORE_CTX_get_error(store)));
+  return ok;
+}
+
+/* A TLS socket as opts.tls asks: TLS 1.2 or newer, the peer and its name verified by default
+ * against opts.tls.ca or the system's store. */
+static amqp_socket_t *tls_socket(struct rpc_conn *c) {
+  amqp_socket_t *sock = amqp_ssl_socket_new(c->amqp);
+  if (!sock) return conn_lost(c, "tls", "cannot set up TLS for %s: %s", c->where, openssl_reason()), NULL;
+  SSL_CTX *ctx = amqp_ssl_socket_get_context(sock);
+  SSL_CTX_set_app_data(ctx, c);
+  SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, note_verify_error);  /* 0.11 checks the result itself */
+  c->tls_problem[0] = '\0';
+  const struct rpc_tls *t = &c->tls;
+  if (amqp_ssl_socket_set_ssl_versions(sock, AMQP_TLSv1_2, AMQP_TLSvLATEST) != AMQP_STATUS_OK)
+    return conn_lost(c, "tls", "cannot require TLS 1.2 or newer for %s", c->where), NULL;
+  if (t->ca && amqp_ssl_socket_set_cacert(sock, t->ca) != AMQP_STATUS_OK)
+    return conn_lost(c, "tls", "cannot use CA file '%s': %s", t->ca, openssl_reason()), NULL;
+  if (!t->ca && t->verify && SSL_CTX_set_default_verify_paths(ctx) != 1)
+    return conn_lost(c, "tls", "cannot load the system's CA certificates: %s", openssl_reason()), NULL;
+  if (t->cert && amqp_ssl_socket_set_key(sock, t->cert, t->key) != AMQP_STATUS_OK)
+    return conn_lost(c, "tls", "cannot use client certificate '%s' with key '%s': %s", t->cert,
+                     t->key, openssl_reason()), NULL;
+  amqp_ssl_socket_set_verify_peer(sock, t->verify);
+  amqp_ssl_socket_set_verify_hostname(sock, t->verify_hostname);
+  return sock;
+}
+
+static int open_failed(struct rpc_conn *c, const struct rpc_endpoint *e, int st) {
+  switch (st) {
+    case AMQP_STATUS_SSL_PEER_VERIFY_FAILED:
+      return conn_lost(c, "tls", "TLS: the certificate of %s could not be verified: %s", c->where,
+                       c->tls_problem[0] ? c->tls_problem : "no certificate");
+    case AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED:
+      return conn_lost(c, "tls", "TLS: the certificate of %s is not for host name '%s'", c->where, e->host);
+    case AMQP_STATUS_SSL_CONNECTION_FAILED:
+    case AMQP_STATUS_SSL_ERROR:
+      return conn_lost(c, "tls", "TLS handshake with %s failed: %s", c->where, openssl_reason());
+    default:
+      return conn_lost(c, "connection", "cannot connect to %s: %s", c->where, amqp_error_string2(st));
+  }
+}
+
 static int connect_socket(struct rpc_conn *c, double limit) {
   struct timeval tv = timeval_of(limit);
-  amqp_socket_t *sock = amqp_tcp_socket_new(c->amqp);
-  if (!sock) return conn_lost(c, "connection", "cannot create a socket for %s", c->where);
   const struct rpc_endpoint *e = &c->endpoints[c->current];
+  amqp_socket_t *sock = e->tls ? tls_socket(c) : amqp_tcp_socket_new(c->amqp);
+  if (!sock) return c->error_kind ? -1 : conn_lost(c, "connection", "cannot create a socket for %s", c->where);
+  ERR_clear_error();
   int st = amqp_socket_open_noblock(sock, e->host, e->port, &tv);
-  if (st != AMQP_STATUS_OK)
-    return conn_lost(c, "connection", "cannot connect to %s: %s", c->where, amqp_error_string2(st));
+  if (st != AMQP_STATUS_OK) return open_failed(c, e, st);
   /* keepalive: a backstop for reads rabbitmq-c 0.11 makes with no deadline (rmqc#780) */
   int fd = amqp_get_sockfd(c->amqp), on = 1, idle = 30, interval = 5, count = 3;
   setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
@@ -280,6 +382,10 @@ void conn_free(struct rpc_conn *c) {
     free(e->where);
   }
   free(c->endpoints);
+  free(c->tls.ca);
+  free(c->tls.cert);
+  free(c->tls.key);
+  c->tls.ca = c->tls.cert = c->tls.key = NULL;
   free(c->msg.buf);
   c->endpoints = NULL;
   c->n_endpoints = 0;
@@ -304,7 +410,7 @@ void conn_release_message(struct rpc_conn *c) {
   c->msg.props = NULL;
   c->msg.body = NULL;
   c->msg.size = c->msg.received = 0;
-  c->msg.header_seen = 0;
+  c->msg.header_seen = c->msg.oversized = 0;
   if (c->msg.cap > KEEP_BUFFER) {
     free(c->msg.buf);
     c->msg.buf = NULL;
@@ -317,6 +423,10 @@ static int add_body(struct rpc_conn *c, amqp_bytes_t part) {
   struct rpc_message *m = &c->msg;
   if (part.len > m->size - m->received)
     return conn_lost(c, "connection", "%s sent more body than announced", c->where);
+  if (m->oversized) {  /* counted, never kept: a hostile size costs no memory */
+    m->received += part.len;
+    return 0;
+  }
   if (m->received == 0 && part.len == m->size) {
     m->body = part.bytes;  /* the common case: one frame, read in place */
   } else {
@@ -404,13 +514,14 @@ static enum conn_event on_frame(struct rpc_conn *c, amqp_frame_t *f) {
   if (f->frame_type == AMQP_FRAME_HEADER) {
     m->props = f->payload.properties.decoded;
     m->size = (size_t)f->payload.properties.body_size;
+    m->oversized = f->payload.properties.body_size > c->max_body;
     m->header_seen = 1;
   } else if (f->frame_type == AMQP_FRAME_BODY) {
     if (!m->header_seen) return conn_lost(c, "connection", "%s sent a body before its header", c->where), EV_FAILED;
     if (add_body(c, f->payload.body_fragment)) return EV_FAILED;
   }
   if (m->header_seen && m->received == m->size) {
-    if (m->size == 0) m->body = "";
+    if (m->size == 0 || m->oversized) m->body = "";
     return m->kind;
   }
   return EV_NONE;

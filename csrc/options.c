@@ -23,13 +23,19 @@ void opts_check_keys(lua_State *L, int idx, const char *const allowed[]) {
   }
 }
 
-/* Pushes opts[key] (nil when there is no table) and says whether it is set. */
-static int get_option(lua_State *L, int idx, const char *key) {
+/* Pushes opts[key], read raw: an options table's metamethods are never run (nil when there is
+ * no table). Returns its type. */
+int opts_get(lua_State *L, int idx, const char *key) {
   if (lua_isnoneornil(L, idx)) {
     lua_pushnil(L);
-    return 0;
+    return LUA_TNIL;
   }
-  return lua_getfield(L, idx, key) != LUA_TNIL;
+  lua_pushstring(L, key);
+  return lua_rawget(L, idx);
+}
+
+static int get_option(lua_State *L, int idx, const char *key) {
+  return opts_get(L, idx, key) != LUA_TNIL;
 }
 
 static int option_error(lua_State *L, int idx, const char *key, const char *expected) {

@@ -20,6 +20,8 @@
 #define RPC_HEARTBEAT_READ 1.0  /* read every connection at least this often (heartbeats) */
 #define RPC_DIRECT_REPLY_TO "amq.rabbitmq.reply-to"
 #define RPC_ERROR_HEADER "x-rpc-error"
+#define RPC_ERROR_KIND_HEADER "x-rpc-error-kind"  /* set only for kinds a client maps: too_large */
+#define RPC_MAX_BODY_LIMIT 536870912  /* RabbitMQ refuses messages over 512 MiB whatever its config */
 
 /* ---- errors (core.c) ---- */
 /* Pushes nil, message, kind and returns 3: the one way runtime failures reach Lua. */
@@ -30,6 +32,7 @@ void rpc_set_count(lua_State *L, const char *name, lua_Integer n);  /* t[name] =
 
 /* ---- options (options.c) ---- */
 void opts_check_keys(lua_State *L, int idx, const char *const allowed[]);
+int opts_get(lua_State *L, int idx, const char *key);  /* pushes opts[key], raw; its type */
 const char *opts_string(lua_State *L, int idx, const char *key, const char *def, size_t *len);
 double opts_number(lua_State *L, int idx, const char *key, double def, double min, double max);
 lua_Integer opts_integer(lua_State *L, int idx, const char *key, lua_Integer def, lua_Integer min,
@@ -47,6 +50,7 @@ struct rpc_message {            /* a basic.deliver or basic.return being assembl
   amqp_basic_return_t returned;
   amqp_basic_properties_t *props;
   size_t size, received;
+  int oversized;                /* over the connection's max_body: body skipped, body NULL */
   const char *body;             /* the single body frame, or buf */
   char *buf;                    /* reused across messages */
   size_t cap;
@@ -56,15 +60,23 @@ struct rpc_message {            /* a basic.deliver or basic.return being assembl
 struct rpc_endpoint {           /* one broker of url or urls */
   char *host, *user, *password, *vhost;
   int port;
+  int tls;                      /* an amqps:// url */
   char *where;                  /* amqp://user@host:port/vhost, never the password */
+};
+
+struct rpc_tls {                /* opts.tls, for amqps:// endpoints */
+  char *ca, *cert, *key;        /* file paths, or NULL */
+  int verify, verify_hostname;
 };
 
 struct rpc_conn {
   amqp_connection_state_t amqp; /* NULL when not connected */
   struct rpc_endpoint *endpoints;
   int n_endpoints, current, opened;
+  struct rpc_tls tls;
   int heartbeat;
   double connect_timeout;
+  size_t max_body;              /* a longer incoming message is skipped, not buffered */
   unsigned int send_bound;      /* TCP_USER_TIMEOUT now set, ms */
   const char *where;            /* the current endpoint's */
   struct rpc_message msg;
@@ -73,11 +85,13 @@ struct rpc_conn {
   char blocked[300];            /* why the broker blocks publishing (a resource alarm), or "" */
   uint64_t nacked;              /* publisher confirms: the last basic.nack's delivery tag */
   int nacked_multiple;
+  char tls_problem[256];         /* OpenSSL's complaint about the peer's certificate */
   char error[512];
 };
 
-/* Reads url or urls, heartbeat and connect_timeout from the options table at idx. */
-void conn_init(lua_State *L, struct rpc_conn *c, int opts_idx);
+/* Reads url or urls, tls, heartbeat, connect_timeout and max_body (default max_body) from the
+ * options table at idx. */
+void conn_init(lua_State *L, struct rpc_conn *c, int opts_idx, size_t max_body);
 /* 0 on success; else -1 with c->error and c->error_kind set. */
 int conn_open(struct rpc_conn *c, double limit);  /* limit: seconds, at most connect_timeout */
 int conn_check_reply(struct rpc_conn *c, const char *what);
@@ -96,7 +110,7 @@ const char *conn_header(const amqp_basic_properties_t *p, const char *key, size_
 
 /* ---- AMQP field tables (table.c) ---- */
 void table_from_lua(lua_State *L, int idx, int argn, amqp_pool_t *pool, amqp_table_t *out);
-void table_push(lua_State *L, const amqp_table_t *t);
+int table_push(lua_State *L, const amqp_table_t *t);  /* 0: over the caps, nothing pushed */
 
 /* ---- pending calls (pending.c): correlation id -> call ---- */
 enum call_state { CALL_WAITING, CALL_REPLIED, CALL_FAILED };

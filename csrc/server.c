@@ -8,12 +8,13 @@
 
 #define SERVER_MT "rpc.server"
 #define MAX_ERROR_HEADER 8192  /* the whole text is in the body; the header must fit a frame */
+#define SERVER_MAX_BODY 16777216  /* 16 MiB: what an untrusted publisher can make us hold */
 
 #define FIRST_RETRY 0.1        /* seconds before the first reconnect */
 #define MAX_RETRY 30.0         /* the backoff doubles up to this */
 
 /* user values */
-enum { UV_HANDLER = 1, UV_MSGH, UV_ARGUMENTS, UV_LAST_ERROR, UV_LOG, UV_COUNT = UV_LOG };
+enum { UV_HANDLER = 1, UV_MSGH, UV_ARGUMENTS, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_COUNT = UV_ALLOW };
 
 struct rpc_server {
   struct rpc_conn conn;
@@ -25,7 +26,10 @@ struct rpc_server {
   int open, busy, stopping, close_pending;
   double backoff, retry_at;   /* while the connection is down */
   uint32_t jitter;            /* xorshift state for the backoff's jitter */
-  struct { lua_Integer requests, replies, errors, no_reply_to, reconnects; } stats;
+  int has_allow;      /* opts.reply_to_allow was given */
+  struct {
+    lua_Integer requests, replies, errors, no_reply_to, refused_reply_to, too_large, reconnects;
+  } stats;
 };
 
 struct rpc_conn *server_conn(struct rpc_server *s) { return &s->conn; }
@@ -62,40 +66,50 @@ static void set_string_field(lua_State *L, const char *name, amqp_bytes_t b) {
   lua_setfield(L, -2, name);
 }
 
-/* Built only for handlers that declare a second parameter. */
-static void push_request(lua_State *L, const struct rpc_message *m) {
+/* Built only for handlers that declare a second parameter. Returns 0, pushing nothing, when
+ * the headers are over the caps of table_push. */
+static int push_request(lua_State *L, const struct rpc_message *m) {
   const amqp_basic_properties_t *p = m->props;
   lua_createtable(L, 0, 7);
+  if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
+    if (!table_push(L, &p->headers)) {
+      lua_pop(L, 1);
+      return 0;
+    }
+    lua_setfield(L, -2, "headers");
+  }
   if (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) set_string_field(L, "correlation_id", p->correlation_id);
   if (p->_flags & AMQP_BASIC_REPLY_TO_FLAG) set_string_field(L, "reply_to", p->reply_to);
   if (p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG) set_string_field(L, "content_type", p->content_type);
-  if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
-    table_push(L, &p->headers);
-    lua_setfield(L, -2, "headers");
-  }
   lua_pushboolean(L, m->deliver.redelivered);
   lua_setfield(L, -2, "redelivered");
   set_string_field(L, "routing_key", m->deliver.routing_key);
   set_string_field(L, "exchange", m->deliver.exchange);
+  return 1;
 }
 
-static int publish_reply(struct rpc_server *s, const char *reply, size_t len, int failed) {
+/* failed: the reply is an error message; kind, if not NULL, the x-rpc-error-kind a client maps */
+static int publish_reply(struct rpc_server *s, const char *reply, size_t len, int failed,
+                         const char *kind) {
   const amqp_basic_properties_t *req = s->conn.msg.props;
   amqp_basic_properties_t props;
-  amqp_table_entry_t error;
+  amqp_table_entry_t error[2];
   props._flags = 0;
   if (req->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) {
     props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
     props.correlation_id = req->correlation_id;
   }
   if (failed) {
-    error.key = amqp_cstring_bytes(RPC_ERROR_HEADER);
-    error.value.kind = AMQP_FIELD_KIND_UTF8;
-    error.value.value.bytes.len = len < MAX_ERROR_HEADER ? len : MAX_ERROR_HEADER;
-    error.value.value.bytes.bytes = (void *)reply;
+    error[0].key = amqp_cstring_bytes(RPC_ERROR_HEADER);
+    error[0].value.kind = AMQP_FIELD_KIND_UTF8;
+    error[0].value.value.bytes.len = len < MAX_ERROR_HEADER ? len : MAX_ERROR_HEADER;
+    error[0].value.value.bytes.bytes = (void *)reply;
+    error[1].key = amqp_cstring_bytes(RPC_ERROR_KIND_HEADER);
+    error[1].value.kind = AMQP_FIELD_KIND_UTF8;
+    error[1].value.value.bytes = amqp_cstring_bytes(kind ? kind : "");
     props._flags |= AMQP_BASIC_HEADERS_FLAG;
-    props.headers.num_entries = 1;
-    props.headers.entries = &error;
+    props.headers.num_entries = kind ? 2 : 1;
+    props.headers.entries = error;
   }
   amqp_bytes_t body = {len, (void *)reply};
   /* a reply may wait on a stalled peer as long as heartbeats would take to notice it */
@@ -109,15 +123,67 @@ static int has_reply_to(const amqp_basic_properties_t *p) {
   return (p->_flags & AMQP_BASIC_REPLY_TO_FLAG) && p->reply_to.len > 0;
 }
 
-/* Runs the handler on the delivery in s->conn.msg, replies, then acks. */
-static void handle_request(lua_State *L, struct rpc_server *s, int idx) {
+static void log_line(lua_State *L, int idx, const char *fmt, ...);
+
+/* A reply goes where the request says, so whoever can publish to our queue could have us write
+ * into any queue: only reply queues are allowed (direct reply-to, server-named), and the names
+ * opts.reply_to_allow lists, as such or as Lua patterns that match the whole name. */
+static int reply_to_allowed(lua_State *L, struct rpc_server *s, int idx, amqp_bytes_t name) {
+  static const char direct[] = RPC_DIRECT_REPLY_TO ".", generated[] = "amq.gen-";
+  if ((name.len > sizeof direct - 1 && memcmp(name.bytes, direct, sizeof direct - 1) == 0) ||
+      (name.len > sizeof generated - 1 && memcmp(name.bytes, generated, sizeof generated - 1) == 0))
+    return 1;
+  if (!s->has_allow) return 0;
+  int top = lua_gettop(L), allowed = 0;
+  lua_getiuservalue(L, idx, UV_ALLOW);  /* {find, pattern...} */
+  lua_Integer n = (lua_Integer)lua_rawlen(L, top + 1);
+  for (lua_Integer i = 2; i <= n && !allowed; i++) {
+    size_t len;
+    lua_rawgeti(L, top + 1, 1);
+    lua_pushlstring(L, name.bytes, name.len);
+    const char *entry = (lua_rawgeti(L, top + 1, i), lua_tolstring(L, -1, &len));
+    if (len == name.len && memcmp(entry, name.bytes, len) == 0)  /* the name itself */
+      allowed = 1;
+    else if (lua_pcall(L, 2, 2, 0) == LUA_OK)  /* string.find(name, pattern): all of it? */
+      allowed = lua_tointeger(L, -2) == 1 && lua_tointeger(L, -1) == (lua_Integer)name.len;
+    lua_settop(L, top + 1);
+  }
+  lua_settop(L, top);
+  return allowed;
+}
+
+/* Names from the wire are any bytes: logged printable and short. */
+static const char *printable(char out[80], amqp_bytes_t b) {
+  size_t n = b.len < 64 ? b.len : 64;
+  for (size_t i = 0; i < n; i++) {
+    char ch = ((const char *)b.bytes)[i];
+    out[i] = ch >= 32 && ch < 127 ? ch : '?';
+  }
+  strcpy(out + n, b.len > n ? "..." : "");
+  return out;
+}
+
+/* Refuses the request in hand with an error reply of kind "too_large"; the handler never runs. */
+static void refuse_too_large(lua_State *L, struct rpc_server *s, const char *what) {
+  const struct rpc_message *m = &s->conn.msg;
+  s->stats.too_large++;
+  const char *text = lua_pushfstring(L, "%s (request refused by queue '%s')", what, s->queue);
+  if (has_reply_to(m->props)) publish_reply(s, text, strlen(text), 1, "too_large");
+  lua_pop(L, 1);
+}
+
+/* Runs the handler and replies with its result, or its error. */
+static void run_handler(lua_State *L, struct rpc_server *s, int idx) {
   struct rpc_message *m = &s->conn.msg;
   int top = lua_gettop(L);
-  s->stats.requests++;
   lua_getiuservalue(L, idx, UV_MSGH);
   lua_getiuservalue(L, idx, UV_HANDLER);
   lua_pushlstring(L, m->body, m->size);
-  if (s->wants_request) push_request(L, m);
+  if (s->wants_request && !push_request(L, m)) {
+    lua_settop(L, top);
+    refuse_too_large(L, s, "request headers over 16 levels deep or 1024 entries");
+    return;
+  }
   int status = lua_pcall(L, s->wants_request ? 2 : 1, 1, top + 1);
   int type = lua_type(L, -1);
   int failed = status != LUA_OK || (type != LUA_TSTRING && type != LUA_TNUMBER);
@@ -129,14 +195,39 @@ static void handle_request(lua_State *L, struct rpc_server *s, int idx) {
   if (failed) s->stats.errors++;
   size_t len;
   const char *reply = lua_tolstring(L, -1, &len);
-  if (has_reply_to(m->props)) {
-    if (publish_reply(s, reply, len, failed)) goto done;
-  } else {
-    s->stats.no_reply_to++;
+  const char *kind = NULL;
+  if (len > s->conn.max_body) {  /* the broker may refuse it, and cost us the connection */
+    reply = lua_pushfstring(L, "the handler's reply of %I bytes is over max_body (%I)",
+                            (lua_Integer)len, (lua_Integer)s->conn.max_body);
+    len = strlen(reply);
+    failed = 1;
+    kind = "too_large";
+    s->stats.too_large++;
   }
-  conn_ack(&s->conn, m->deliver.delivery_tag);
-done:
+  if (has_reply_to(m->props)) publish_reply(s, reply, len, failed, kind);
+  else s->stats.no_reply_to++;
   lua_settop(L, top);
+}
+
+/* Checks the delivery in s->conn.msg, runs the handler on it, replies, then acks. A refused
+ * request is acked too: it would only come back. */
+static void handle_request(lua_State *L, struct rpc_server *s, int idx) {
+  struct rpc_message *m = &s->conn.msg;
+  s->stats.requests++;
+  if (has_reply_to(m->props) && !reply_to_allowed(L, s, idx, m->props->reply_to)) {
+    char name[80];
+    s->stats.refused_reply_to++;
+    log_line(L, idx, "rpc.server '%s': refused a request: reply_to '%s' is not allowed (reply_to_allow)",
+             s->queue, printable(name, m->props->reply_to));
+  } else if (m->oversized) {
+    const char *what = lua_pushfstring(L, "request body of %I bytes is over max_body (%I)",
+                                       (lua_Integer)m->size, (lua_Integer)s->conn.max_body);
+    refuse_too_large(L, s, what);
+    lua_pop(L, 1);
+  } else {
+    run_handler(L, s, idx);
+  }
+  if (s->conn.amqp) conn_ack(&s->conn, m->deliver.delivery_tag);
 }
 
 static void server_close(lua_State *L, struct rpc_server *s);
@@ -235,7 +326,7 @@ static int declare_and_consume(lua_State *L, struct rpc_server *s, int idx) {
 
 static void check_arguments_table(lua_State *L, int opts) {
   if (lua_isnoneornil(L, opts)) return;
-  if (lua_getfield(L, opts, "arguments") != LUA_TNIL) {
+  if (opts_get(L, opts, "arguments") != LUA_TNIL) {
     if (!lua_istable(L, -1))
       luaL_argerror(L, opts, lua_pushfstring(L, "option 'arguments' must be a table, got %s",
                                              luaL_typename(L, -1)));
@@ -246,7 +337,37 @@ static void check_arguments_table(lua_State *L, int opts) {
 
 static const char *const server_options[] = {
     "url", "urls", "heartbeat", "connect_timeout", "durable", "exclusive", "auto_delete",
-    "arguments", "prefetch", "log", NULL};
+    "arguments", "prefetch", "log", "max_body", "tls", "reply_to_allow", NULL};
+
+/* opts.reply_to_allow (a pattern or a list of them) as {string.find, pattern...}, pushed; nil
+ * when absent. string.find is taken from the string metatable, not from a global a script may
+ * have replaced. */
+static void push_reply_to_allow(lua_State *L, int opts) {
+  int t = opts_get(L, opts, "reply_to_allow");
+  if (t == LUA_TNIL) return;
+  int value = lua_gettop(L);
+  if (t != LUA_TSTRING && (t != LUA_TTABLE || lua_rawlen(L, value) == 0))
+    luaL_argerror(L, opts, "option 'reply_to_allow' must be a Lua pattern or a non-empty list of them");
+  lua_Integer n = t == LUA_TSTRING ? 1 : (lua_Integer)lua_rawlen(L, value);
+  lua_createtable(L, (int)n + 1, 0);
+  lua_pushliteral(L, "");
+  if (luaL_getmetafield(L, -1, "__index") != LUA_TTABLE || lua_getfield(L, -1, "find") != LUA_TFUNCTION)
+    luaL_error(L, "string.find is not available");
+  lua_rawseti(L, value + 1, 1);
+  lua_settop(L, value + 1);
+  for (lua_Integer i = 1; i <= n; i++) {
+    if (t == LUA_TSTRING) lua_pushvalue(L, value);
+    else if (lua_rawgeti(L, value, i) != LUA_TSTRING)
+      luaL_argerror(L, opts, lua_pushfstring(L, "reply_to_allow[%I] must be a string", i));
+    lua_rawgeti(L, value + 1, 1);  /* a malformed pattern is a bad argument now, not a refusal later */
+    lua_pushliteral(L, "");
+    lua_pushvalue(L, -3);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK)
+      luaL_argerror(L, opts, lua_pushfstring(L, "option 'reply_to_allow': %s", lua_tostring(L, -1)));
+    lua_rawseti(L, value + 1, i + 1);
+  }
+  lua_remove(L, value);
+}
 
 /* rpc.server(queue, handler [, opts]): pushes the server, or nil, message, kind. */
 static int server_new(lua_State *L) {
@@ -260,15 +381,17 @@ static int server_new(lua_State *L) {
   int exclusive = opts_boolean(L, 3, "exclusive", 0);
   int auto_delete = opts_boolean(L, 3, "auto_delete", 0);
   check_arguments_table(L, 3);
-  int log = !lua_isnoneornil(L, 3) && lua_getfield(L, 3, "log") != LUA_TNIL;
-  if (log) luaL_argcheck(L, lua_isfunction(L, -1), 3, "option 'log' must be a function");
-  if (!lua_isnoneornil(L, 3)) lua_pop(L, 1);
+  if (opts_get(L, 3, "log") != LUA_TNIL)
+    luaL_argcheck(L, lua_isfunction(L, -1), 3, "option 'log' must be a function");
+  lua_pop(L, 1);
+  push_reply_to_allow(L, 3);
+  int allow = lua_istable(L, -1) ? lua_gettop(L) : 0;
 
   struct rpc_server *s = lua_newuserdatauv(L, sizeof *s, UV_COUNT);
   memset(s, 0, sizeof *s);
   luaL_setmetatable(L, SERVER_MT);
   int idx = lua_gettop(L);
-  conn_init(L, &s->conn, 3);
+  conn_init(L, &s->conn, 3, SERVER_MAX_BODY);
   memcpy(s->queue, queue, qlen + 1);
   s->prefetch = prefetch;
   s->durable = durable;
@@ -284,10 +407,15 @@ static int server_new(lua_State *L) {
   lua_pushcclosure(L, message_handler, 1);  /* made once, not per request */
   lua_setiuservalue(L, idx, UV_MSGH);
   if (!lua_isnoneornil(L, 3)) {
-    lua_getfield(L, 3, "arguments");
+    opts_get(L, 3, "arguments");
     lua_setiuservalue(L, idx, UV_ARGUMENTS);
-    lua_getfield(L, 3, "log");
+    opts_get(L, 3, "log");
     lua_setiuservalue(L, idx, UV_LOG);
+  }
+  if (allow) {
+    lua_pushvalue(L, allow);
+    lua_setiuservalue(L, idx, UV_ALLOW);
+    s->has_allow = 1;
   }
   s->jitter = ((uint32_t)((uintptr_t)s >> 4) ^ (uint32_t)(rpc_now() * 1e6)) | 1;  /* never 0 */
   s->open = 1;
@@ -372,11 +500,13 @@ static int server_close_method(lua_State *L) {
 
 static int server_stats(lua_State *L) {
   struct rpc_server *s = check_server(L, 1);
-  lua_createtable(L, 0, 5);
+  lua_createtable(L, 0, 10);
   rpc_set_count(L, "requests", s->stats.requests);
   rpc_set_count(L, "replies", s->stats.replies);
   rpc_set_count(L, "errors", s->stats.errors);
   rpc_set_count(L, "no_reply_to", s->stats.no_reply_to);
+  rpc_set_count(L, "refused_reply_to", s->stats.refused_reply_to);
+  rpc_set_count(L, "too_large", s->stats.too_large);
   rpc_set_count(L, "reconnects", s->stats.reconnects);
   lua_pushboolean(L, s->conn.amqp != NULL);
   lua_setfield(L, -2, "connected");

@@ -4,7 +4,8 @@
 
 #include "rpc.h"
 
-#define MAX_DEPTH 16     /* 0.11 decodes tables of any depth; we never recurse past this */
+#define MAX_DEPTH 16       /* 0.11 decodes tables of any depth; we never recurse past this */
+#define MAX_ENTRIES 1024   /* in all, nested ones included: what a request may make us build */
 #define MAX_KEY 255      /* a field name is a shortstr */
 
 static void value_from_lua(lua_State *L, amqp_field_value_t *v) {
@@ -83,27 +84,48 @@ void table_from_lua(lua_State *L, int idx, int argn, amqp_pool_t *pool, amqp_tab
   }
 }
 
-static void push_value(lua_State *L, const amqp_field_value_t *v, int depth);
+static int value_fits(const amqp_field_value_t *v, int depth, size_t *entries);
 
-static void push_array(lua_State *L, const amqp_array_t *a, int depth) {
+/* Counts entries down to MAX_DEPTH, never deeper: 0 once a cap is passed. */
+static int table_fits(const amqp_table_t *t, int depth, size_t *entries) {
+  if (depth > MAX_DEPTH || (*entries += (size_t)t->num_entries) > MAX_ENTRIES) return 0;
+  for (int i = 0; i < t->num_entries; i++)
+    if (!value_fits(&t->entries[i].value, depth, entries)) return 0;
+  return 1;
+}
+
+static int value_fits(const amqp_field_value_t *v, int depth, size_t *entries) {
+  if (v->kind == AMQP_FIELD_KIND_TABLE) return table_fits(&v->value.table, depth + 1, entries);
+  if (v->kind != AMQP_FIELD_KIND_ARRAY) return 1;
+  const amqp_array_t *a = &v->value.array;
+  if (depth + 1 > MAX_DEPTH || (*entries += (size_t)a->num_entries) > MAX_ENTRIES) return 0;
+  for (int i = 0; i < a->num_entries; i++)
+    if (!value_fits(&a->entries[i], depth + 1, entries)) return 0;
+  return 1;
+}
+
+static void push_value(lua_State *L, const amqp_field_value_t *v);
+
+static void push_array(lua_State *L, const amqp_array_t *a) {
   lua_createtable(L, a->num_entries, 0);
   for (int i = 0; i < a->num_entries; i++) {
-    push_value(L, &a->entries[i], depth + 1);
+    push_value(L, &a->entries[i]);
     lua_rawseti(L, -2, i + 1);
   }
 }
 
-static void push_table(lua_State *L, const amqp_table_t *t, int depth) {
+static void push_table(lua_State *L, const amqp_table_t *t) {
   lua_createtable(L, 0, t->num_entries);
   for (int i = 0; i < t->num_entries; i++) {
     const amqp_table_entry_t *e = &t->entries[i];
     lua_pushlstring(L, e->key.bytes, e->key.len);
-    push_value(L, &e->value, depth + 1);
+    push_value(L, &e->value);
     lua_rawset(L, -3);
   }
 }
 
-static void push_value(lua_State *L, const amqp_field_value_t *v, int depth) {
+/* Only called on values table_fits has bounded. */
+static void push_value(lua_State *L, const amqp_field_value_t *v) {
   luaL_checkstack(L, 4, "header table");
   switch (v->kind) {
     case AMQP_FIELD_KIND_BOOLEAN: lua_pushboolean(L, v->value.boolean); break;
@@ -128,18 +150,17 @@ static void push_value(lua_State *L, const amqp_field_value_t *v, int depth) {
     case AMQP_FIELD_KIND_BYTES:
       lua_pushlstring(L, v->value.bytes.bytes, v->value.bytes.len);
       break;
-    case AMQP_FIELD_KIND_ARRAY:
-      if (depth < MAX_DEPTH) push_array(L, &v->value.array, depth);
-      else lua_pushboolean(L, 0);  /* too deep to convert: a placeholder, never a crash */
-      break;
-    case AMQP_FIELD_KIND_TABLE:
-      if (depth < MAX_DEPTH) push_table(L, &v->value.table, depth);
-      else lua_pushboolean(L, 0);
-      break;
+    case AMQP_FIELD_KIND_ARRAY: push_array(L, &v->value.array); break;
+    case AMQP_FIELD_KIND_TABLE: push_table(L, &v->value.table); break;
     default: lua_pushboolean(L, 0); break;  /* void and unknown kinds */
   }
 }
 
-void table_push(lua_State *L, const amqp_table_t *t) {
-  push_table(L, t, 0);
+/* Pushes t as a Lua table and returns 1; returns 0, pushing nothing, when t is deeper than
+ * MAX_DEPTH or has more than MAX_ENTRIES entries: a request cannot make us build more. */
+int table_push(lua_State *L, const amqp_table_t *t) {
+  size_t entries = 0;
+  if (!table_fits(t, 1, &entries)) return 0;
+  push_table(L, t);
+  return 1;
 }

@@ -18,6 +18,7 @@ dependencies = {
 external_dependencies = {
   RABBITMQ = { header = "amqp.h", library = "rabbitmq" },
   UUID = { header = "uuid/uuid.h", library = "uuid" },
+  OPENSSL = { header = "openssl/ssl.h", library = "ssl" },  -- rabbitmq-c's TLS: verify details
 }
 build = {
   type = "builtin",
@@ -28,9 +29,9 @@ build = {
         "csrc/core.c", "csrc/options.c", "csrc/connection.c", "csrc/table.c",
         "csrc/pending.c", "csrc/loop.c", "csrc/client.c", "csrc/server.c",
       },
-      libraries = { "rabbitmq", "uuid", "m" },
-      incdirs = { "$(RABBITMQ_INCDIR)", "$(UUID_INCDIR)" },
-      libdirs = { "$(RABBITMQ_LIBDIR)", "$(UUID_LIBDIR)" },
+      libraries = { "rabbitmq", "uuid", "ssl", "crypto", "m" },
+      incdirs = { "$(RABBITMQ_INCDIR)", "$(UUID_INCDIR)", "$(OPENSSL_INCDIR)" },
+      libdirs = { "$(RABBITMQ_LIBDIR)", "$(UUID_LIBDIR)", "$(OPENSSL_LIBDIR)" },
       defines = {},
     },
   },

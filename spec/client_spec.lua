@@ -149,7 +149,7 @@ describe("client:call", function()
   it("discards replies with a foreign, malformed or missing correlation id and counts them", function()
     local T = H.scope(finally)
     local queue, reply_queue = H.queue("foreign"), H.queue("replies")
-    T:server(queue, function(body) return "own:" .. body end)
+    T:server(queue, function(body) return "own:" .. body end, {reply_to_allow = reply_queue})
     local client = T:client(queue, {reply_to = reply_queue})
     H.amqp {  -- junk already waiting in the reply queue before the call
       {op = "publish", routing_key = reply_queue, body = "foreign",
@@ -187,7 +187,7 @@ describe("client:call", function()
       T:server(queue, function(body, request)
         seen[#seen + 1] = request.reply_to
         return body:upper()
-      end)
+      end, {reply_to_allow = "spec%-replies%-%x+"})  -- the named mode's queue, from H.queue
       local client = T:client(queue, mode and {reply_to = mode})
       assert.equal("ONE", client:call("one", 5))
       assert.equal("TWO", client:call("two", 5))

@@ -71,18 +71,25 @@ describe("interop #interop", function()
     local T = H.scope(finally)
     local queue = H.queue("fib-bad")
     fib_server(T, queue)
-    local replies = H.queue("replies")
-    H.amqp {
-      {op = "declare", queue = replies},
-      {op = "publish", routing_key = queue, body = "not a number",
-       properties = {reply_to = replies, correlation_id = "cid-bad"}},
-    }
-    local reply = H.amqp1 {op = "get", queue = replies, timeout = 10}
-    assert.is_nil(reply.empty, "no reply")
-    assert.equal("cid-bad", reply.properties.correlation_id)
-    assert.is_string(reply.properties.headers["x-rpc-error"])
-    assert.is_true(#reply.properties.headers["x-rpc-error"] > 0)
-    assert.equal(reply.properties.headers["x-rpc-error"], reply.body)
+    -- as the tutorial's client does: a server-named exclusive reply queue, allowed by default
+    local out, status, err = H.run(H.PYTHON .. " -c " .. H.quote([[
+import json, os, sys, pika
+conn = pika.BlockingConnection(pika.URLParameters(os.environ["RPC_URL"]))
+ch = conn.channel()
+replies = ch.queue_declare(queue="", exclusive=True).method.queue
+ch.basic_publish(exchange="", routing_key=os.environ["RPC_QUEUE"], body=b"not a number",
+                 properties=pika.BasicProperties(reply_to=replies, correlation_id="cid-bad"))
+for method, props, body in ch.consume(replies, auto_ack=True, inactivity_timeout=10):
+    break
+if method is None: sys.exit("no reply")
+print(json.dumps({"cid": props.correlation_id, "error": props.headers["x-rpc-error"],
+                  "body": body.decode()}))
+]]), {RPC_QUEUE = queue, RPC_URL = H.URL})
+    assert.equal(0, status, out .. err)
+    local reply = require("dkjson").decode(out)
+    assert.equal("cid-bad", reply.cid)
+    assert.is_true(#reply.error > 0)
+    assert.equal(reply.error, reply.body)
     -- and the same error through our client
     local _, message, kind = T:client(queue):call("not a number", 10)
     assert.equal("remote", kind)

@@ -12,7 +12,7 @@ local server = assert(rpc.server(QUEUE, function(body)
   touch("started")
   sleep(tonumber(seconds))
   return "done:" .. rest
-end, {url = URL}))
+end, {url = URL, reply_to_allow = "spec%-replies%-%x+"}))  -- the specs' named reply queues
 ready()
 print("run:", server:run())
 server:close()
@@ -65,7 +65,7 @@ describe("rpc.server", function()
     it("replies with header x-rpc-error and the message as body, and acks", function()
       local T = H.scope(finally)
       local queue, replies = H.queue("boom"), H.queue("replies")
-      local server = T:server(queue, function() error("kaboom", 0) end)
+      local server = T:server(queue, function() error("kaboom", 0) end, {reply_to_allow = replies})
       H.amqp {
         {op = "declare", queue = replies},
         {op = "publish", routing_key = queue, body = "x",
@@ -220,7 +220,7 @@ describe("rpc.server", function()
       server = T:server(queue, function(body)
         if body == "stop" then server:stop() end
         return "ok:" .. body
-      end)
+      end, {reply_to_allow = replies})
       H.amqp {
         {op = "declare", queue = replies},
         {op = "publish", routing_key = queue, body = "a", properties = {reply_to = replies}},
@@ -309,7 +309,7 @@ describe("rpc.server", function()
       local server = T:server(queue, function(body, req)
         request = req
         return "second:" .. body
-      end)
+      end, {reply_to_allow = replies})
       H.wait_until(function() return server:poll(0.5) == 1 end, 10, "the redelivered request")
       assert.is_table(request)
       assert.is_true(request.redelivered)
