@@ -8,14 +8,25 @@ local q = "memcheck-" .. os.time()
 local server = assert(rpc.server(q, function(body, request)
   if body == "raise" then error({}) end
   return body .. (request.headers and request.headers.k or "")
-end, {auto_delete = true}))
+end, {auto_delete = true, reply_to_allow = q .. "-replies", max_body = 100000}))
 for _, mode in ipairs { "direct", "exclusive", q .. "-replies" } do
   local client <close> = assert(rpc.client(q, {reply_to = mode}))
   for i = 1, calls do assert(client:call(("x"):rep(i * 100), 5, {headers = {k = "v"}})) end
   assert(client:call("raise") == nil)
   assert(select(3, client:call("x", 1, {routing_key = q .. "-nobody"})) == "no_route")
   assert(not pcall(client.call, client, {}))
+  assert(select(3, client:call(("x"):rep(100001))) == "too_large")  -- refused by the server
 end
+local small <close> = assert(rpc.client(q, {max_body = 10}))
+assert(select(3, small:call(("x"):rep(11))) == "too_large")        -- refused before sending
+assert(select(3, small:call("0123456789", 5, {headers = {k = "vvv"}})) == "too_large")  -- reply
+local refused = assert(rpc.client(q, {reply_to = q .. "-other"}))     -- not allowed: no reply
+assert(select(3, refused:call("x", 0.3)) == "timeout")
+refused:close()
+local port = os.getenv("RPC_BROKER_PORT") or 5673
+assert(select(3, rpc.client(q, {url = "amqps://guest:guest@localhost:" .. port .. "/"})) == "tls")
+assert(select(3, rpc.client(q, {url = "amqps://guest:guest@localhost:" .. port .. "/",
+                                 tls = {ca = "/nonexistent/ca.pem"}})) == "tls")
 local late = assert(rpc.client(q .. "-slow"))
 local slow = assert(rpc.server(q .. "-slow", function(body) return body end,
   {arguments = {["x-expires"] = 10000}}))  -- outlives its consumer, then expires
