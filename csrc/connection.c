@@ -1,6 +1,7 @@
 /* One AMQP connection with channel 1 open: opening, classifying failures, and reading
  * frames without ever blocking, so one wait loop can serve many connections. */
 #define _POSIX_C_SOURCE 200809L
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -225,6 +226,15 @@ static int note_verify_error(int ok, X509_STORE_CTX *store) {
   return ok;
 }
 
+/* Why path cannot be read, or NULL: OpenSSL would only say "system lib". */
+static const char *unreadable(const char *path) {
+  if (!path) return NULL;
+  FILE *f = fopen(path, "r");
+  if (!f) return strerror(errno);
+  fclose(f);
+  return NULL;
+}
+
 /* A TLS socket as opts.tls asks: TLS 1.2 or newer, the peer and its name verified by default
  * against opts.tls.ca or the system's store. */
 static amqp_socket_t *tls_socket(struct rpc_conn *c) {
@@ -237,6 +247,11 @@ static amqp_socket_t *tls_socket(struct rpc_conn *c) {
   const struct rpc_tls *t = &c->tls;
   if (amqp_ssl_socket_set_ssl_versions(sock, AMQP_TLSv1_2, AMQP_TLSvLATEST) != AMQP_STATUS_OK)
     return conn_lost(c, "tls", "cannot require TLS 1.2 or newer for %s", c->where), NULL;
+  const char *const files[] = {t->ca, t->cert, t->key};
+  for (int i = 0; i < 3; i++) {
+    const char *why = unreadable(files[i]);
+    if (why) return conn_lost(c, "tls", "cannot read TLS file '%s': %s", files[i], why), NULL;
+  }
   if (t->ca && amqp_ssl_socket_set_cacert(sock, t->ca) != AMQP_STATUS_OK)
     return conn_lost(c, "tls", "cannot use CA file '%s': %s", t->ca, openssl_reason()), NULL;
   if (!t->ca && t->verify && SSL_CTX_set_default_verify_paths(ctx) != 1)
