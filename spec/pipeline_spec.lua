@@ -43,10 +43,12 @@ describe("client:send and client:wait", function()
     local queue = H.queue("pipe-child")
     T:spawn {code = CHILD_ECHO, queue = queue}:wait_ready()
     local client = T:client(queue)
-    local slow = client:send("sleep 0.3 slow")
     local fast = {}
     for i = 1, 20 do fast[i] = client:send("fast " .. i) end
-    assert.equal("slow", client:wait(slow, 5))  -- the 20 fast replies came first and were kept
+    local slow = client:send("sleep 0.3 slow")
+    -- one server, in order: the 20 fast replies arrive before the slow one, during its wait,
+    -- and are kept for their own waits
+    assert.equal("slow", client:wait(slow, 5))
     for i = 1, 20 do assert.equal("fast " .. i, client:wait(fast[i], 0.001)) end
   end)
 
