@@ -15,11 +15,19 @@ Operations (objects with "op"):
     bind     queue exchange routing_key
     publish  [exchange] routing_key body [properties: reply_to correlation_id content_type
              headers delivery_mode priority expiration]
-    get      queue [timeout]       -> {body, properties, redelivered, routing_key, exchange},
-                                      or {empty = true} when nothing arrived within timeout
+             Binary or generated parts for hostile requests: body_hex (instead of body),
+             body_size (instead of body: that many "x"), properties_hex (a property's raw bytes
+             as hex: correlation_id, reply_to, content_type), headers_nested (depth: headers
+             {n = {n = ... "leaf"}}, nested that deep; with headers_array, [[... "leaf"]]),
+             headers_keys (count: headers k00000 .. = true)
+    get      queue [timeout]       -> {body, properties, redelivered, routing_key, exchange,
+                                      body_hex, hex}, or {empty = true} when nothing arrived
+                                      within timeout; hex: the string properties' raw bytes
+    declare_exchange exchange [type]
+    delete_exchange  exchange
     delete   queue
 An operation the broker refuses gives {error: reply_code, text: reply_text}; the next
-operation gets a fresh channel. Bodies travel as latin-1 text.
+operation gets a fresh channel. Bodies travel as latin-1 text (body_hex and hex: binary safe).
 
 The broker is env RPC_URL (default amqp://guest:guest@localhost:5673/).
 """
@@ -29,6 +37,9 @@ import sys
 import time
 
 import pika
+
+# pika encodes and decodes field tables recursively: room for the deeply nested headers
+sys.setrecursionlimit(100000)
 
 URL = os.environ.get("RPC_URL") or "amqp://guest:guest@localhost:5673/"
 
@@ -57,10 +68,26 @@ def properties_of(props):
     return out
 
 
+def raw(value):
+    """A short string property's bytes: pika gives text when they were valid UTF-8."""
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def hex_of(props):
+    out = {}
+    for name in ("content_type", "correlation_id", "reply_to"):
+        value = getattr(props, name, None)
+        if value is not None:
+            out[name] = raw(value).hex()
+    return out
+
+
 def delivery_of(method, props, body):
     return {
         "body": body.decode("latin-1"),
+        "body_hex": body.hex(),
         "properties": properties_of(props),
+        "hex": hex_of(props),
         "redelivered": bool(method.redelivered),
         "routing_key": method.routing_key,
         "exchange": method.exchange,
@@ -87,10 +114,32 @@ def get(conn, ch, op):
         conn.sleep(0.05)
 
 
+def nested(depth, array):
+    value = "leaf"
+    for _ in range(depth):
+        value = [value] if array else {"n": value}
+    return value
+
+
 def publish(ch, op):
-    props = pika.BasicProperties(**(op.get("properties") or {}))
+    properties = dict(op.get("properties") or {})
+    for name, value in (op.get("properties_hex") or {}).items():
+        properties[name] = bytes.fromhex(value)
+    if "headers_nested" in op or "headers_keys" in op:
+        headers = dict(properties.get("headers") or {})
+        if "headers_nested" in op:
+            headers["n"] = nested(op["headers_nested"], op.get("headers_array", False))
+        for i in range(op.get("headers_keys", 0)):
+            headers["k%05d" % i] = True
+        properties["headers"] = headers
+    if "body_hex" in op:
+        body = bytes.fromhex(op["body_hex"])
+    elif "body_size" in op:
+        body = b"x" * op["body_size"]
+    else:
+        body = op.get("body", "").encode("latin-1")
     ch.basic_publish(exchange=op.get("exchange", ""), routing_key=op["routing_key"],
-                     body=op.get("body", "").encode("latin-1"), properties=props)
+                     body=body, properties=pika.BasicProperties(**properties))
     return {"ok": True}
 
 
@@ -115,6 +164,13 @@ def run_ops(ops):
                 results.append(get(conn, ch, op))
             elif kind == "delete":
                 ch.queue_delete(queue=op["queue"])
+                results.append({"ok": True})
+            elif kind == "declare_exchange":
+                ch.exchange_declare(exchange=op["exchange"],
+                                    exchange_type=op.get("type", "direct"))
+                results.append({"ok": True})
+            elif kind == "delete_exchange":
+                ch.exchange_delete(exchange=op["exchange"])
                 results.append({"ok": True})
             else:
                 raise SystemExit("amqp_tool.py: unknown op " + repr(kind))
