@@ -61,40 +61,67 @@ static const char *parse_endpoint(const char *url, size_t len, struct rpc_endpoi
 
 static const char *const tls_options[] = {"ca", "cert", "key", "verify", "verify_hostname", NULL};
 
-static char *tls_path(lua_State *L, int idx, int argn, const char *key) {
-  size_t len;
-  const char *path = opts_string(L, idx, key, NULL, &len);
-  if (!path) return NULL;
-  if (len == 0 || strlen(path) != len)
+/* Pushes tls[key] (raw) and checks it is nil or of type; errors name the options argument. */
+static int tls_field(lua_State *L, int t, int argn, const char *key, int type) {
+  lua_pushstring(L, key);
+  int got = lua_rawget(L, t);
+  if (got != LUA_TNIL && got != type)
+    luaL_argerror(L, argn, lua_pushfstring(L, "option 'tls.%s' must be a %s, got %s", key,
+                                           lua_typename(L, type), luaL_typename(L, -1)));
+  if (type == LUA_TSTRING && got == LUA_TSTRING && (lua_rawlen(L, -1) == 0 ||
+                                                    strlen(lua_tostring(L, -1)) != lua_rawlen(L, -1)))
     luaL_argerror(L, argn, lua_pushfstring(L, "option 'tls.%s' must be a file path", key));
-  char *copy = copy_string(path);
+  return got != LUA_TNIL;
+}
+
+static void check_tls_keys(lua_State *L, int t, int argn) {
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    lua_pop(L, 1);
+    int known = 0;
+    for (int i = 0; tls_options[i] && lua_type(L, -1) == LUA_TSTRING && !known; i++)
+      known = strcmp(lua_tostring(L, -1), tls_options[i]) == 0;
+    if (!known)
+      luaL_argerror(L, argn, lua_pushfstring(L, "unknown option 'tls.%s'", luaL_tolstring(L, -1, NULL)));
+  }
+}
+
+static char *tls_path(lua_State *L, int t, const char *key) {
+  lua_pushstring(L, key);
+  if (lua_rawget(L, t) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  char *copy = copy_string(lua_tostring(L, -1));
+  lua_pop(L, 1);
   if (!copy) luaL_error(L, "not enough memory");
   return copy;
 }
 
-/* opts.tls at idx: checked before anything is allocated, then copied. */
+/* opts.tls, of the options table at idx: all checked before anything is allocated. */
 static void read_tls(lua_State *L, struct rpc_conn *c, int idx) {
   c->tls.verify = c->tls.verify_hostname = 1;  /* safe unless asked otherwise */
   int any_tls = 0;
   for (int i = 0; i < c->n_endpoints; i++) any_tls |= c->endpoints[i].tls;
-  if (opts_get(L, idx, "tls") == LUA_TNIL) {
+  int type = opts_get(L, idx, "tls");
+  if (type == LUA_TNIL) {
     lua_pop(L, 1);
     return;
   }
-  if (!lua_istable(L, -1))
+  if (type != LUA_TTABLE)
     luaL_argerror(L, idx, lua_pushfstring(L, "option 'tls' must be a table, got %s", luaL_typename(L, -1)));
   if (!any_tls) luaL_argerror(L, idx, "option 'tls' needs an amqps:// url");
   int t = lua_gettop(L);
-  opts_check_keys(L, t, tls_options);
-  size_t n;
-  int has_cert = opts_string(L, t, "cert", NULL, &n) != NULL, has_key = opts_string(L, t, "key", NULL, &n) != NULL;
+  check_tls_keys(L, t, idx);
+  tls_field(L, t, idx, "ca", LUA_TSTRING);
+  int has_cert = tls_field(L, t, idx, "cert", LUA_TSTRING), has_key = tls_field(L, t, idx, "key", LUA_TSTRING);
   if (has_cert != has_key) luaL_argerror(L, idx, "options 'tls.cert' and 'tls.key' go together");
-  opts_string(L, t, "ca", NULL, &n);
-  c->tls.verify = opts_boolean(L, t, "verify", 1);
-  c->tls.verify_hostname = opts_boolean(L, t, "verify_hostname", 1);
-  c->tls.ca = tls_path(L, t, idx, "ca");  /* freed by conn_free, if a later one raises */
-  c->tls.cert = tls_path(L, t, idx, "cert");
-  c->tls.key = tls_path(L, t, idx, "key");
+  if (tls_field(L, t, idx, "verify", LUA_TBOOLEAN)) c->tls.verify = lua_toboolean(L, -1);
+  if (tls_field(L, t, idx, "verify_hostname", LUA_TBOOLEAN)) c->tls.verify_hostname = lua_toboolean(L, -1);
+  lua_settop(L, t);
+  c->tls.ca = tls_path(L, t, "ca");  /* freed by conn_free, should a later one raise */
+  c->tls.cert = tls_path(L, t, "cert");
+  c->tls.key = tls_path(L, t, "key");
   lua_pop(L, 1);
 }
 
@@ -154,6 +181,12 @@ int conn_lost(struct rpc_conn *c, const char *kind, const char *fmt, ...) {
   return -1;
 }
 
+/* OpenSSL's reason for the last failure, for people: "certificate verify failed". */
+static const char *openssl_reason(void) {
+  const char *reason = ERR_reason_error_string(ERR_peek_last_error());
+  return reason ? reason : "the peer closed the connection or spoke something else than TLS";
+}
+
 /* RabbitMQ says 403 both for missing permissions and for a queue in exclusive use. */
 static const char *kind_of_close(int code, amqp_bytes_t text) {
   static const char permission[] = "refused for user";
@@ -176,6 +209,14 @@ static const char *kind_of_close(int code, amqp_bytes_t text) {
 /* Classifies the outcome of a synchronous method (login, declare, consume). */
 static int classify_reply(struct rpc_conn *c, const char *what, amqp_rpc_reply_t r) {
   if (r.reply_type == AMQP_RESPONSE_NORMAL) return 0;
+  if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_SSL_ERROR) {
+    /* TLS 1.3: the broker checks our certificate after our side of the handshake is done; its
+     * alert may be lost to a reset, leaving only the closed connection */
+    const char *reason = ERR_reason_error_string(ERR_peek_last_error());
+    return conn_lost(c, "tls", "%s on %s failed: TLS: %s", what, c->where,
+                     reason ? reason : c->tls.cert ? "the broker closed the connection (did it refuse "
+                     "the client certificate?)" : "the broker closed the connection");
+  }
   if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION)
     return conn_lost(c, "connection", "%s on %s failed: %s", what, c->where,
                      amqp_error_string2(r.library_error));
@@ -207,12 +248,6 @@ static struct timeval timeval_of(double seconds) {
   tv.tv_sec = (time_t)seconds;
   tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
   return tv;
-}
-
-/* OpenSSL's reason for the last failure, for people: "certificate verify failed". */
-static const char *openssl_reason(void) {
-  const char *reason = ERR_reason_error_string(ERR_peek_last_error());
-  return reason ? reason : "the peer closed the connection or spoke something else than TLS";
 }
 
 /* 0.11 verifies the chain after the handshake and keeps only a status: record OpenSSL's first
