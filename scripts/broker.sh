@@ -7,6 +7,10 @@
 #   RPC_BROKER_DIST_PORT  Erlang distribution port, on loopback  (AMQP port + 20000)
 #   RPC_BROKER_NODE       node name    (rabbitrpc@localhost; rabbitrpc-PORT@localhost off 5673)
 #   RPC_BROKER_DIR        state folder (<project>/.broker): cookie, config, data, logs, pid file
+#   RPC_BROKER_TLS_PORT   optional: a TLS (amqps) listener on this port, on loopback   (none)
+#   RPC_BROKER_TLS_DIR    with it: the folder holding ca.pem, server.pem and server.key
+#                         (spec/support/make_certs.sh makes them); clients' certificates are
+#                         checked against ca.pem when they send one, but not required
 # Works as root in a bare chroot: no systemd, no hostname, no "localhost" in /etc/hosts needed.
 set -euo pipefail
 
@@ -22,6 +26,9 @@ BOOT_TIMEOUT=60
 die() { echo "broker: $*" >&2; exit 1; }
 [[ $PORT =~ ^[0-9]+$ && $DIST_PORT =~ ^[0-9]+$ ]] || die "RPC_BROKER_PORT and RPC_BROKER_DIST_PORT must be numbers"
 [[ $NODE == *@* ]] || NODE=$NODE@localhost
+TLS_PORT=${RPC_BROKER_TLS_PORT:-}
+TLS_DIR=${RPC_BROKER_TLS_DIR:-}
+[[ -z $TLS_PORT || $TLS_PORT =~ ^[0-9]+$ ]] || die "RPC_BROKER_TLS_PORT must be a number"
 [ -x "$SBIN/rabbitmq-server" ] || die "rabbitmq-server is not installed (run scripts/deps.sh)"
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
@@ -68,7 +75,22 @@ write_files() {
     echo "disk_free_limit.absolute = 50MB"
     echo "log.console = false"
     echo "log.file.level = info"
+    [ -z "$TLS_PORT" ] || tls_settings
   } > "$RABBITMQ_CONFIG_FILE"
+}
+
+# The amqps listener: the server's certificate, and a client's checked against the same CA when
+# it sends one (verify_peer), without requiring one (fail_if_no_peer_cert = false). TLS 1.2+.
+tls_settings() {
+  echo "listeners.ssl.1 = 127.0.0.1:$TLS_PORT"
+  grep -qs '^0\{31\}1 .* lo$' /proc/net/if_inet6 && echo "listeners.ssl.2 = ::1:$TLS_PORT"
+  echo "ssl_options.cacertfile = $TLS_DIR/ca.pem"
+  echo "ssl_options.certfile = $TLS_DIR/server.pem"
+  echo "ssl_options.keyfile = $TLS_DIR/server.key"
+  echo "ssl_options.verify = verify_peer"
+  echo "ssl_options.fail_if_no_peer_cert = false"
+  echo "ssl_options.versions.1 = tlsv1.3"
+  echo "ssl_options.versions.2 = tlsv1.2"
 }
 
 # The pid of our node if it is running: the pid file's process is a beam whose home is $DIR.
@@ -98,8 +120,18 @@ kill_node() { # PID: TERM, then KILL after 15 s
   kill -KILL "$pid" 2> /dev/null || true
 }
 
+check_tls_dir() { # start only: stop, status and ctl do not need the files
+  local f
+  [ -n "$TLS_DIR" ] || die "RPC_BROKER_TLS_PORT needs RPC_BROKER_TLS_DIR (a folder with ca.pem, server.pem, server.key)"
+  for f in ca.pem server.pem server.key; do
+    [ -r "$TLS_DIR/$f" ] || die "RPC_BROKER_TLS_DIR: cannot read $TLS_DIR/$f"
+  done
+  TLS_DIR=$(cd "$TLS_DIR" && pwd)
+}
+
 start() {
   local pid t0
+  [ -z "$TLS_PORT" ] || check_tls_dir
   write_files
   if pid=$(node_pid); then
     if port_open "$PORT" && ctl -q await_startup --timeout 30 > /dev/null 2>&1; then
@@ -115,6 +147,7 @@ start() {
   port_open "$PORT" && die "port $PORT on 127.0.0.1 is in use by something else (not $NODE of $DIR);" \
     "stop it or choose another port: RPC_BROKER_PORT=5680 $0 start (make BROKER_PORT=5680 ...)"
   port_open "$DIST_PORT" && die "distribution port $DIST_PORT is in use by something else; set RPC_BROKER_DIST_PORT"
+  [ -n "$TLS_PORT" ] && port_open "$TLS_PORT" && die "TLS port $TLS_PORT on 127.0.0.1 is in use by something else"
   rm -f "$PIDFILE" "$ERL_CRASH_DUMP"
   epmd_up || touch "$DIR/epmd.ours"   # epmd comes up with our node; stop ends it if nobody else uses it
   t0=$(date +%s)
@@ -130,7 +163,8 @@ start() {
     die "$NODE did not come up within ${BOOT_TIMEOUT}s"
   fi
   port_open "$PORT" || { show_log; die "$NODE is up but port $PORT does not answer"; }
-  echo "broker: $NODE started in $(( $(date +%s) - t0 ))s (pid $(node_pid)), $(url)"
+  [ -z "$TLS_PORT" ] || port_open "$TLS_PORT" || { show_log; die "$NODE is up but its TLS port $TLS_PORT does not answer"; }
+  echo "broker: $NODE started in $(( $(date +%s) - t0 ))s (pid $(node_pid)), $(url)${TLS_PORT:+, amqps on port $TLS_PORT}"
 }
 
 stop() {

@@ -11,7 +11,10 @@ packages=(
   lua-busted lua-argparse                           # specs, examples
   rabbitmq-server                                   # the private broker (scripts/broker.sh)
   python3-pika                                      # interop specs: the tutorial's Python side
+  openssl                                           # TLS specs: test certificates (spec/support/make_certs.sh)
 )
+# scripts/deps.sh PACKAGE...: those packages instead (make fuzz: clang and its libFuzzer runtime).
+[ $# = 0 ] || packages=("$@")
 
 # A debootstrapped system has no /etc/hosts, so "localhost" (RPC_URL) does not resolve.
 if ! getent hosts localhost > /dev/null 2>&1; then

@@ -34,6 +34,12 @@ H.quote = q
 
 H.ROOT = assert(io.popen("pwd")):read("l")   -- busted runs from the repo root (.busted is there)
 H.LUA = "lua5.4"
+-- make sanitize preloads gcc's ASan runtime into busted and names it in RPC_SPEC_PRELOAD: Lua
+-- children get it too (they load the instrumented module); every other child (python3, sh,
+-- rabbitmqctl and the Erlang nodes it starts) runs without it (env_words clears LD_PRELOAD).
+H.PRELOAD = os.getenv("RPC_SPEC_PRELOAD")
+if H.PRELOAD == "" then H.PRELOAD = nil end
+if H.PRELOAD then H.LUA = "env LD_PRELOAD=" .. q(H.PRELOAD) .. " lua5.4" end
 H.PYTHON = "/usr/bin/python3"                -- Debian's, which has pika; not whatever is on PATH
 H.AMQP_TOOL = H.ROOT .. "/spec/support/amqp_tool.py"
 H.BROKER = H.ROOT .. "/scripts/broker.sh"
@@ -60,9 +66,12 @@ function H.url_with(parts)
     parts.host or H.HOST, parts.port or H.PORT, parts.vhost or H.VHOST)
 end
 
--- Child processes find the module the way busted does.
+-- Child processes find the module the way busted does: in build/, or in the directory env
+-- RPC_SPEC_BUILD names (make sanitize gives build-asan, and busted --cpath=build-asan/?.so).
 H.LUA_PATH = H.ROOT .. "/lua/?.lua;" .. H.ROOT .. "/spec/?.lua;;"
-H.LUA_CPATH = H.ROOT .. "/build/?.so;;"
+H.BUILD = os.getenv("RPC_SPEC_BUILD") or "build"
+if H.BUILD:sub(1, 1) ~= "/" then H.BUILD = H.ROOT .. "/" .. H.BUILD end
+H.LUA_CPATH = H.BUILD .. "/?.so;;"
 
 -- ---- time ----
 
@@ -197,7 +206,7 @@ end
 --- "env K='v' ..." for a child: the module paths and the broker, plus env (a table).
 local function env_words(env)
   local all = {LUA_PATH_5_4 = H.LUA_PATH, LUA_CPATH_5_4 = H.LUA_CPATH, RPC_URL = H.URL,
-               RPC_BROKER_PORT = H.BROKER_PORT}
+               RPC_BROKER_PORT = H.BROKER_PORT, LD_PRELOAD = H.PRELOAD and ""}
   for k, v in pairs(env or {}) do all[k] = v end
   local words = {}
   for k, v in pairs(all) do words[#words + 1] = k .. "=" .. q(v) end
@@ -488,7 +497,7 @@ end
 --- Fails if s shows the password of url (the user name may appear).
 function H.assert_no_password(s, url)
   url = url or H.URL
-  local user, password = url:match("^amqp://([^:@/]*):([^@/]*)@")
+  local user, password = url:match("^amqps?://([^:@/]*):([^@/]*)@")
   if password == "" then return end
   if password ~= user then
     assert(not s:find(password, 1, true), ("the password shows in %q"):format(s))
