@@ -28,11 +28,19 @@ struct rpc_client {
   struct rpc_pending pending;
   amqp_pool_t pool;     /* per-call headers, recycled after each publish */
   int open;
+  int reading;          /* a message is in hand: a finalizer must not read past it */
   struct { lua_Integer calls, replies, timeouts, remote_errors, no_route, discarded; } stats;
 };
 
 static struct rpc_client *check_client(lua_State *L) {
   return luaL_checkudata(L, 1, CLIENT_MT);
+}
+
+/* For the methods that read or publish. */
+static struct rpc_client *check_usable_client(lua_State *L) {
+  struct rpc_client *c = check_client(L);
+  luaL_argcheck(L, !c->reading, 1, "client in use: called from a finalizer while it reads a reply");
+  return c;
 }
 
 /* ---- connecting ---- */
@@ -76,10 +84,12 @@ static int client_new(lua_State *L) {
   size_t qlen, rlen;
   const char *queue = luaL_checklstring(L, 1, &qlen);
   luaL_argcheck(L, qlen < 256, 1, "queue name longer than 255 bytes");
+  luaL_argcheck(L, strlen(queue) == qlen, 1, "queue name contains a NUL byte");
   opts_check_keys(L, 2, client_options);
   double timeout = opts_number(L, 2, "timeout", RPC_DEFAULT_CALL_TIMEOUT, 0.001, RPC_MAX_TIMEOUT);
   const char *reply_to = opts_string(L, 2, "reply_to", "direct", &rlen);
-  luaL_argcheck(L, rlen > 0 && rlen < 256, 2, "option 'reply_to' must be 1 to 255 bytes");
+  luaL_argcheck(L, rlen > 0 && rlen < 256 && strlen(reply_to) == rlen, 2,
+                "option 'reply_to' must be 1 to 255 bytes, none of them NUL");
   int confirm = opts_boolean(L, 2, "confirm", 0);
 
   struct rpc_client *c = lua_newuserdatauv(L, sizeof *c, 1);
@@ -246,7 +256,8 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
 }
 
 /* Reads what the broker has sent, never waiting. Returns the target's result count, or 0. */
-static int read_replies(lua_State *L, struct rpc_client *c, int idx, const unsigned char *target) {
+static int read_replies_in_hand(lua_State *L, struct rpc_client *c, int idx,
+                                const unsigned char *target) {
   for (;;) {
     enum conn_event ev = conn_pump(&c->conn);
     if (ev == EV_NONE) return 0;
@@ -267,6 +278,15 @@ static int read_replies(lua_State *L, struct rpc_client *c, int idx, const unsig
     conn_release_message(&c->conn);
     if (n) return n;
   }
+}
+
+/* Keeping a reply allocates, and so may run a finalizer that uses this client: it must not
+ * read on while the message in hand is not released (check_usable refuses it). */
+static int read_replies(lua_State *L, struct rpc_client *c, int idx, const unsigned char *target) {
+  c->reading = 1;
+  int n = read_replies_in_hand(L, c, idx, target);
+  c->reading = 0;
+  return n;
 }
 
 /* Waits for call id until deadline, serving this Lua state's servers meanwhile. Ctrl-C ends
@@ -311,6 +331,7 @@ struct request {  /* what each request of one call, send or call_all carries */
   amqp_basic_properties_t props;
   amqp_bytes_t exchange, routing_key;
   double timeout;
+  int arg, headers;  /* the callopts argument; the stack index of its headers table, or 0 */
 };
 
 static const char *const call_options[] = {"content_type", "headers", "persistent", "priority",
@@ -327,12 +348,15 @@ static amqp_bytes_t short_string(lua_State *L, int arg, const char *key, const c
   return b;
 }
 
-/* Reads the options table at arg into r; headers are built in the client's pool (recycled
- * per call), or only checked when the client is closed. */
+/* Reads the options table at arg into r. Headers are only checked here and kept on the stack:
+ * publish builds them, after the last Lua allocation (a finalizer run by one may call this
+ * client, and recycle its pool). */
 static void read_request(lua_State *L, struct rpc_client *c, int arg, const char *const keys[],
                          struct request *r) {
   amqp_basic_properties_t *p = &r->props;
   p->_flags = 0;
+  r->arg = arg;
+  r->headers = 0;
   r->exchange = amqp_empty_bytes;
   r->routing_key = amqp_cstring_bytes(c->queue);
   if (lua_isnoneornil(L, arg)) return;
@@ -358,10 +382,11 @@ static void read_request(lua_State *L, struct rpc_client *c, int arg, const char
     if (!lua_istable(L, -1))
       luaL_argerror(L, arg, lua_pushfstring(L, "option 'headers' must be a table, got %s",
                                             luaL_typename(L, -1)));
-    table_from_lua(L, lua_gettop(L), arg, c->open ? &c->pool : NULL, &p->headers);
-    p->_flags |= AMQP_BASIC_HEADERS_FLAG;
+    table_from_lua(L, lua_gettop(L), arg, NULL, NULL);
+    r->headers = lua_gettop(L);  /* stays on the stack, keeping its strings alive */
+    return;
   }
-  lua_pop(L, 1);  /* the strings stay alive in the options table */
+  lua_pop(L, 1);  /* the other strings stay alive in the options table */
 }
 
 /* Everything a publish needs: open, and a live connection (a lost one is replaced, within
@@ -394,6 +419,12 @@ static int too_large(lua_State *L, const struct rpc_client *c, size_t len) {
 static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *r,
                    const char *body, size_t len, unsigned char id[16], char id_text[37]) {
   if (len > c->conn.max_body) return too_large(L, c, len);
+  if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
+  if (r->headers) {  /* from here to the publish, nothing may run Lua code */
+    recycle_amqp_pool(&c->pool);
+    table_from_lua(L, r->headers, r->arg, &c->pool, &r->props.headers);
+    r->props._flags |= AMQP_BASIC_HEADERS_FLAG;
+  }
   uuid_generate_random(id);
   uuid_unparse_lower(id, id_text);
   if (r->timeout != c->expiration_of) {  /* printing a double costs more than the rest */
@@ -421,12 +452,11 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
 
 /* client:call(body [, timeout [, callopts]]) */
 static int client_call(lua_State *L) {
-  struct rpc_client *c = check_client(L);
+  struct rpc_client *c = check_usable_client(L);
   size_t len;
   const char *body = luaL_checklstring(L, 2, &len);  /* a number becomes its decimal text */
   struct request r;
   r.timeout = opts_check_timeout(L, 3, c->timeout);
-  if (c->open) recycle_amqp_pool(&c->pool);
   read_request(L, c, 4, call_options, &r);
   unsigned char id[16];
   char id_text[37];
@@ -437,12 +467,11 @@ static int client_call(lua_State *L) {
 
 /* id = client:send(body [, callopts]): publishes and returns the id to wait for. */
 static int client_send(lua_State *L) {
-  struct rpc_client *c = check_client(L);
+  struct rpc_client *c = check_usable_client(L);
   size_t len;
   const char *body = luaL_checklstring(L, 2, &len);
   struct request r;
   r.timeout = c->timeout;
-  if (c->open) recycle_amqp_pool(&c->pool);
   read_request(L, c, 3, send_options, &r);
   unsigned char id[16];
   char id_text[37];
@@ -456,7 +485,7 @@ static int client_send(lua_State *L) {
 /* client:wait(id [, timeout]): the reply to a send. Without a timeout, waits until the
  * send's own timeout has passed since it was sent. */
 static int client_wait(lua_State *L) {
-  struct rpc_client *c = check_client(L);
+  struct rpc_client *c = check_usable_client(L);
   size_t len;
   const char *text = luaL_checklstring(L, 2, &len);
   double timeout = opts_check_timeout(L, 3, 0);
@@ -489,7 +518,7 @@ static void abandon(lua_State *L, struct rpc_client *c, const unsigned char (*id
 /* replies = client:call_all(bodies [, timeout [, callopts]]): all requests in flight at once,
  * the replies in order; the first failure ends it with nil, "request i of n: ...", kind. */
 static int client_call_all(lua_State *L) {
-  struct rpc_client *c = check_client(L);
+  struct rpc_client *c = check_usable_client(L);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_Integer n = (lua_Integer)lua_rawlen(L, 2);
   for (lua_Integer i = 1; i <= n; i++) {
@@ -501,7 +530,6 @@ static int client_call_all(lua_State *L) {
   }
   struct request r;
   r.timeout = opts_check_timeout(L, 3, c->timeout);
-  if (c->open) recycle_amqp_pool(&c->pool);
   read_request(L, c, 4, call_options, &r);
   for (lua_Integer i = 1; i <= n; i++) {  /* all or nothing: none is sent if one is too large */
     lua_rawgeti(L, 2, i);

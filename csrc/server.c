@@ -374,6 +374,7 @@ static int server_new(lua_State *L) {
   size_t qlen;
   const char *queue = luaL_checklstring(L, 1, &qlen);
   luaL_argcheck(L, qlen < 256, 1, "queue name longer than 255 bytes");
+  luaL_argcheck(L, strlen(queue) == qlen, 1, "queue name contains a NUL byte");
   luaL_checktype(L, 2, LUA_TFUNCTION);
   opts_check_keys(L, 3, server_options);
   int prefetch = (int)opts_integer(L, 3, "prefetch", 1, 1, 65535);

@@ -1,0 +1,662 @@
+-- The whole public API under a storm of values: every Lua type and edge value at every argument
+-- position, every option key (client, server, callopts, opts.tls), self of the wrong type, and
+-- handlers, log functions and finalizers that misbehave. Every outcome must be an allowed one,
+-- as the README says: a success (of the documented shape), a raised "bad argument ...", or
+-- nil, message, kind with a documented kind. Nothing else: no other error, no crash, no hang,
+-- and afterwards a normal call still works in the same process, which then exits 0.
+--
+-- Each storm runs in its own lua5.4 (spec/support/fuzz.lua is its harness), so a segfault fails
+-- its spec with the child's output instead of killing busted.
+local H = require "support.helpers"
+
+local MAX_REPORT = 8000   -- characters of a failed child's output shown
+local LIMIT = 120         -- seconds a storm may take: past it, it is killed as hung
+
+local storms = 0
+
+--- Runs code (Lua, with F = require "support.fuzz" and rpc loaded) in a child lua5.4; fails
+-- unless it exits 0 having printed DONE and no VIOLATION line. Deletes the queues it says
+-- outlive it. The child writes "at: <call>" to stderr before each call, so a crash or a hang
+-- shows where it happened.
+local function storm(code)
+  storms = storms + 1
+  local file = ("%s/api_fuzz%d.lua"):format(H.tmpdir(), storms)
+  H.write_file(file, 'local F = require "support.fuzz"\nlocal rpc = require "rpc"\n' .. code .. "\nF.finish()\n")
+  local out, status, err = H.run(("timeout -s KILL %d %s %s"):format(LIMIT, H.LUA, H.quote(file)),
+                                 {SPEC_AMQP_TOOL = H.AMQP_TOOL})
+  local ops = {}
+  for name in out:gmatch("\ndelete: ([^\n]*)") do ops[#ops + 1] = {op = "delete", queue = name} end
+  if #ops > 0 then pcall(H.amqp, ops) end
+  local violations, trace, errors = {}, {}, {}
+  for line in out:gmatch("[^\n]+") do
+    if line:find("^VIOLATION") then violations[#violations + 1] = line end
+  end
+  for line in err:gmatch("[^\n]+") do
+    if not line:find("^at: ") then
+      errors[#errors + 1] = line
+    else
+      trace[#trace + 1] = line
+      if #trace > 3 then table.remove(trace, 1) end
+    end
+  end
+  local summary = out:match("checked %d+ outcomes: [^\n]*") or "no summary"
+  if os.getenv("SPEC_FUZZ_VERBOSE") then io.stderr:write(summary, "\n") end
+  if status ~= 0 or #violations > 0 or not out:find("\nDONE\n") then
+    local stderr = table.move(errors, 1, #errors, #trace + 1, status ~= 0 and trace or {})
+    local report = ("child exit status %d%s (%s)\n%s%s"):format(
+      status, status == 137 and (", killed after %d s"):format(LIMIT) or "", summary,
+      #violations > 0 and table.concat(violations, "\n") or out,
+      #stderr > 0 and "\n--- the last calls, then stderr:\n" .. table.concat(stderr, "\n") or "")
+    if #report > MAX_REPORT then report = report:sub(1, MAX_REPORT) .. "\n... (cut)" end
+    error(report, 2)
+  end
+  return out
+end
+
+describe("the API under a storm of values", function()
+  teardown(H.cleanup)
+
+  it("rpc.client: any value at any argument, option or opts.tls key has an allowed outcome", function()
+    storm [==[
+F.run(function()
+  local function new_client(label, _, c) return F.new_client(label, c) end
+  local function opts() return {url = F.URL, timeout = 0.5} end
+  -- a named reply queue is durable: the ones the values name outlive the process
+  for _, name in ipairs {"amqp://", "amqps://", F.URL .. "%00", "a", "a\0b", ("r"):rep(255)} do
+    F.leftover(name)
+  end
+  local function args() return table.pack(F.echo_queue, opts()) end
+  F.vary("rpc.client", rpc.client, args, new_client, {
+    {{"255-byte queue", ("q"):rep(255)}, {"256-byte queue", ("q"):rep(256)}, {'"q\\0"', "q\0"}},
+    {{"valid opts with raising metamethods", F.evil(opts())}},
+  })
+  F.vary_options("rpc.client", rpc.client, args, 2,
+    {"url", "heartbeat", "connect_timeout", "timeout", "reply_to", "confirm", "max_body", "colour", 1},
+    new_client, {
+      url = {{"the broker", F.URL}, {"a closed port", "amqp://guest:guest@127.0.0.1:1/"},
+             {"no password", "amqp://guest@localhost:1/"}},
+      heartbeat = {{"3600", 3600}, {"3601", 3601}},
+      connect_timeout = {{"1e-9", 1e-9}, {"0.001", 0.001}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}},
+      timeout = {{"1e-9", 1e-9}, {"0.001", 0.001}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}},
+      reply_to = {{'"direct"', "direct"}, {'"exclusive"', "exclusive"},
+                  {"255-byte name", ("r"):rep(255)}, {"256-byte name", ("r"):rep(256)}},
+      max_body = {{"2^31 - 1", (1 << 31) - 1}, {"2^31", 1 << 31}, {"512 MiB", 1 << 29},
+                  {"512 MiB + 1", (1 << 29) + 1}},
+    })
+  local function args_without_url() return table.pack(F.echo_queue, {timeout = 0.5}) end
+  F.vary_options("rpc.client", rpc.client, args_without_url, 2, {"urls"}, new_client, {
+      urls = {{"{the broker}", {F.URL}}, {"{url, url %00}", {F.URL, F.URL .. "%00"}},
+              {"{closed port, the broker}", {"amqp://guest:guest@127.0.0.1:1/", F.URL}},
+              {"{the broker, 42}", {F.URL, 42}}, {"64 brokers", F.urls(64)},
+              {"65 brokers", F.urls(65)},
+              {"{[2] = url}", {[2] = F.URL}}, {"list with raising metamethods", F.evil {F.URL}}},
+    })
+  -- tls: over amqps:// to the plain AMQP port the handshake fails at once ('tls')
+  local function tls_args()
+    return table.pack(F.echo_queue, {url = F.AMQPS, connect_timeout = 2, timeout = 0.5, tls = {}})
+  end
+  F.vary_options("rpc.client", rpc.client, tls_args, 2, {"tls"}, new_client, {
+    tls = {{"{verify = false}", {verify = false}}, {"tls with raising metamethods", F.evil()}},
+  })
+  local function plain_args() return table.pack(F.echo_queue, {url = F.URL, tls = {}}) end
+  F.vary_options("rpc.client", rpc.client, plain_args, 2, {"tls"}, new_client)   -- no amqps://
+  local function tls_of(args) return args[2].tls end
+  F.vary_options("rpc.client tls", rpc.client, tls_args, tls_of,
+    {"ca", "cert", "key", "verify", "verify_hostname", "colour"}, new_client, {
+      ca = {{"system bundle", "/etc/ssl/certs/ca-certificates.crt"}, {"a directory", "/etc"},
+            {"/dev/zero", "/dev/zero"}, {"not PEM", "spec/api_fuzz_spec.lua"}},
+      cert = {{"a file without its key", "/etc/ssl/certs/ca-certificates.crt"}},
+    })
+end)
+]==]
+  end)
+
+  it("rpc.server: any value at any argument or option has an allowed outcome", function()
+    storm [==[
+F.run(function()
+  local function new_server(label, args, s) return F.new_server(label, s, args) end
+  local function opts() return {url = F.URL, auto_delete = true} end
+  local function echo(body) return body end
+  local function args() return table.pack(F.queue("srv"), echo, opts()) end
+  F.vary("rpc.server", rpc.server, args, new_server, {
+    {{"255-byte queue", ("q"):rep(254) .. "1"}, {"256-byte queue", ("q"):rep(256)}},
+    {{"callable table", setmetatable({}, {__call = echo})}},
+    {{"valid opts with raising metamethods", F.evil(opts())}},
+  })
+  local entries = {}   -- queue arguments: each value as a value, and as a key
+  for _, v in ipairs(F.values()) do
+    if not rawequal(v[2], F.NONE) then
+      entries[#entries + 1] = {"{['x-max-length'] = " .. v[1] .. "}", {["x-max-length"] = v[2]}}
+      if v[2] == v[2] and v[2] ~= nil then
+        entries[#entries + 1] = {"{[" .. v[1] .. "] = 1}", {[v[2]] = 1}}
+      end
+    end
+  end
+  F.vary_options("rpc.server", rpc.server, args, 3,
+    {"url", "heartbeat", "connect_timeout", "durable", "exclusive", "arguments", "prefetch", "log",
+     "max_body", "reply_to_allow", "colour", 1},
+    new_server, {
+      url = {{"the broker", F.URL}, {"a closed port", "amqp://guest:guest@127.0.0.1:1/"}},
+      heartbeat = {{"3600", 3600}, {"3601", 3601}},
+      connect_timeout = {{"1e-9", 1e-9}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}},
+      arguments = entries,
+      prefetch = {{"65535", 65535}, {"65536", 65536}},
+      max_body = {{"2^31 - 1", (1 << 31) - 1}, {"512 MiB + 1", (1 << 29) + 1}},
+      reply_to_allow = {{'"["', "["}, {'"%"', "%"}, {'"("', "("}, {'"a["', "a["}, {'"%b"', "%b"},
+                        {'"%f"', "%f"}, {'{".*"}', {".*"}}, {'{".*", 1}', {".*", 1}}, {"{{}}", {{}}},
+                        {'{"["}', {"["}}, {"list with raising metamethods", F.evil {".*"}}},
+    })
+  local function kept_args() return table.pack(F.queue("srv"), echo, {url = F.URL}) end
+  F.vary_options("rpc.server", rpc.server, kept_args, 3, {"auto_delete"}, new_server)
+  local function args_without_url() return table.pack(F.queue("srv"), echo, {auto_delete = true}) end
+  F.vary_options("rpc.server", rpc.server, args_without_url, 3, {"urls"}, new_server, {
+    urls = {{"{the broker}", {F.URL}}, {"{closed port, the broker}", {"amqp://guest:guest@127.0.0.1:1/", F.URL}}},
+  })
+  local function tls_args()
+    return table.pack(F.queue("srv"), echo, {url = F.AMQPS, connect_timeout = 2, auto_delete = true, tls = {}})
+  end
+  F.vary_options("rpc.server", rpc.server, tls_args, 3, {"tls"}, new_server)
+  local function tls_of(args) return args[3].tls end
+  F.vary_options("rpc.server tls", rpc.server, tls_args, tls_of,
+    {"ca", "cert", "key", "verify", "verify_hostname"}, new_server)
+end)
+]==]
+  end)
+
+  it("rpc.server's reply_to_allow serves a named reply queue exactly when an entry is its name or matches all of it", function()
+    storm [==[
+F.run(function()
+  local named = F.queue("named", true)
+  local client = assert(rpc.client(F.echo_queue, {url = F.URL, reply_to = named}))
+  local patterns = {named, named .. "x", named:sub(1, 10), named:sub(2), "spec%-fuzz%-named%-%x+",
+                    ".*", "[", "%", "(", "a[", "s[", "spec-fuzz-(", "%f[%a]", "%bsn.*", "", "\0",
+                    F.MiB, {"x", named}, {named, "["}, {"[", named}}
+  for _, p in ipairs(patterns) do
+    local list = type(p) == "table" and p or {p}
+    local want = false
+    for _, one in ipairs(list) do
+      local ok, i, j = pcall(string.find, named, one)
+      want = want or one == named or (ok and i == 1 and j == #named)
+    end
+    local label = ("rpc.server(reply_to_allow = %s)"):format(F.show(type(p) == "table" and table.concat(p, "|") or p))
+    F.check(label, function(_, s)
+      local id = client:send("ping", {routing_key = F.queue_of(s)})
+      s:poll(5)   -- returns once the request is handled: replied to, or refused
+      local stats = s:stats()
+      local allowed = stats.replies == 1
+      local reply, message, kind
+      if allowed then reply, message, kind = client:wait(id, 5) end
+      s:close()
+      if stats.requests ~= 1 or stats.refused_reply_to + stats.replies ~= 1 then
+        return false, ("%d requests, %d replies, %d refused"):format(stats.requests, stats.replies,
+                                                                     stats.refused_reply_to)
+      elseif want ~= allowed then
+        return false, allowed and "allowed, but it should be refused" or "refused, but it should be allowed"
+      elseif allowed and reply ~= "ping" then
+        return false, ("allowed, but the call got %s (%s)"):format(F.show(message), F.show(kind))
+      end
+      return true
+    end, rpc.server, F.queue("allow"), function(b) return b end,
+       {url = F.URL, auto_delete = true, reply_to_allow = p})
+  end
+  client:close()
+end)
+]==]
+  end)
+
+  it("a queue or reply_to name with a NUL inside is a bad argument or used whole, never cut at the NUL", function()
+    storm [==[
+F.run(function()
+  local function echo(body) return body end
+  local base = F.queue("nul")
+  local name = base .. "\0tail"
+  -- the part before the NUL has a server of its own: nothing meant for name may reach it
+  local decoy = assert(rpc.server(base, function() return "decoy" end, {url = F.URL, auto_delete = true}))
+  F.check("rpc.server(queue with a NUL)", function(_, s)
+    local reply, message, kind = F.client:call("x", 1, {routing_key = name})
+    s:close()
+    if reply ~= "x" then
+      return false, ("a call to the whole name got %s (%s)"):format(F.show(reply or message), F.show(kind))
+    end
+    return true
+  end, rpc.server, name, echo, {url = F.URL, auto_delete = true})
+  F.check("rpc.client(queue with a NUL)", function(_, c)
+    local reply = c:call("x", 1)
+    c:close()
+    if reply == "decoy" then return false, "its request went to the queue named by the part before the NUL" end
+    return true
+  end, rpc.client, name, {url = F.URL})
+  local named = F.queue("nul-reply", true)
+  F.check("rpc.client(reply_to with a NUL)", function(_, c)
+    c:close()
+    if F.queue_exists(named) then return false, "it declared the reply queue named by the part before the NUL" end
+    return true
+  end, rpc.client, F.echo_queue, {url = F.URL, reply_to = named .. "\0x"})
+  decoy:close()
+end)
+]==]
+  end)
+
+  it("rpc.serve: any value has an allowed outcome (a run is stopped by SIGTERM)", function()
+    storm [==[
+F.run(function()
+  local serve = F.bounded(rpc.serve)
+  local function echo(body) return body end
+  local function args() return table.pack(F.queue("serve"), echo, {url = F.URL, auto_delete = true}) end
+  local function is_true(l, args, v)
+    F.declared(args)
+    return F.is_true(l, v)
+  end
+  F.vary("rpc.serve", serve, args, is_true)
+  F.vary_options("rpc.serve", serve, args, 3,
+    {"url", "heartbeat", "connect_timeout", "durable", "exclusive", "auto_delete", "arguments", "prefetch",
+     "log", "max_body", "reply_to_allow", "tls", "colour"}, is_true)
+end)
+]==]
+  end)
+
+  it("client:call: any self, body, timeout, callopts key or header has an allowed outcome, the echo if a success", function()
+    storm [==[
+F.run(function()
+  local call = F.client_methods.call
+  local function args() return table.pack(F.client, "body", 1, {}) end
+  local function echoed(l, a, ...) return F.reply_is(F.echo_of(a[2]))(l, ...) end
+  F.vary("client:call", call, args, echoed, {
+    {{"the client", F.client}, {"a server", F.echo}},
+    {{"2 MiB body", F.MiB .. F.MiB}},
+    {{"1e-9", 1e-9}, {"5e-324", 5e-324}, {"0.001", 0.001}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}},
+    {{"valid callopts with raising metamethods", F.evil {persistent = true}}},
+  })
+  local headers = {}   -- each value as a header value, and as a header key
+  for _, v in ipairs(F.values()) do
+    if not rawequal(v[2], F.NONE) then
+      headers[#headers + 1] = {"{k = " .. v[1] .. "}", {k = v[2]}}
+      if v[2] == v[2] and v[2] ~= nil then
+        headers[#headers + 1] = {"{[" .. v[1] .. "] = 'x'}", {[v[2]] = "x"}}
+      end
+    end
+  end
+  headers[#headers + 1] = {"255-byte key", {[("k"):rep(255)] = 1}}
+  headers[#headers + 1] = {"256-byte key", {[("k"):rep(256)] = 1}}
+  headers[#headers + 1] = {"100 KiB of headers", {big = ("h"):rep(100 * 1024)}}
+  headers[#headers + 1] = {"headers with raising metamethods", F.evil {k = "v"}}
+  F.vary_options("client:call", call, args, 4,
+    {"content_type", "headers", "persistent", "priority", "exchange", "routing_key", "timeout", "colour", 1},
+    echoed, {
+      headers = headers,
+      priority = {{"255", 255}, {"256", 256}},
+      exchange = {{'"amq.direct"', "amq.direct"}, {"255 bytes", ("e"):rep(255)}, {"256 bytes", ("e"):rep(256)}},
+      routing_key = {{"the echo queue", F.echo_queue}, {"255 bytes", ("k"):rep(255)},
+                     {"256 bytes", ("k"):rep(256)}},
+      content_type = {{"255 bytes", ("c"):rep(255)}, {"256 bytes", ("c"):rep(256)}},
+    })
+end)
+]==]
+  end)
+
+  it("client:send: any value has an allowed outcome, an id whose wait gets the echo if a success", function()
+    storm [==[
+F.run(function()
+  local send = F.client_methods.send
+  local function args() return table.pack(F.client, "body", {}) end
+  local function sent(l, a, id, ...)
+    if type(id) ~= "string" or #id ~= 36 or not id:find("^%x+%-%x+%-%x+%-%x+%-%x+$") or select("#", ...) > 0 then
+      return false, "one uuid expected"
+    end
+    F.check(l .. " then :wait", F.reply_is(F.echo_of(a[2])), a[1].wait, a[1], id, 2)
+    return true
+  end
+  F.vary("client:send", send, args, sent, {nil, {{"2 MiB body", F.MiB .. F.MiB}}})
+  F.vary_options("client:send", send, args, 3,
+    {"content_type", "headers", "persistent", "priority", "exchange", "routing_key", "timeout", "colour"}, sent, {
+      timeout = {{"1e-9", 1e-9}, {"0.001", 0.001}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}},
+    })
+end)
+]==]
+  end)
+
+  it("client:wait: any self, id or timeout has an allowed outcome", function()
+    storm [==[
+F.run(function()
+  local wait = F.client_methods.wait
+  local function args() return table.pack(F.client, F.client:send("w"), 2) end
+  local function replied(l, _, ...) return F.reply_is("w")(l, ...) end
+  local waited = F.client:send("w")
+  F.client:wait(waited)
+  local upper = F.client:send("w")
+  F.vary("client:wait", wait, args, replied, {
+    nil,
+    {{"an id already waited for", waited}, {"an id in upper case", upper:upper()},
+     {"a uuid never sent", "01234567-89ab-cdef-0123-456789abcdef"},
+     {"another client's id", F.open_client():send("w")},
+     {"nil uuid", "00000000-0000-0000-0000-000000000000"},
+     {"36 x", ("x"):rep(36)}, {"an id and a NUL", F.client:send("w") .. "\0"},
+     {"an id with a NUL inside", (F.client:send("w"):gsub("^.", "\0"))}},
+    {{"1e-9", 1e-9}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}},
+  })
+  -- the same id waited twice: the second raises, whatever the first got
+  local id = F.client:send("twice")
+  F.check("client:wait(id)", F.any, wait, F.client, id, 2)
+  F.check("client:wait(id) again", function() return false, "a bad argument expected" end, wait, F.client, id, 2)
+end)
+]==]
+  end)
+
+  it("client:call_all: any value, as the list or in it, has an allowed outcome, the echoes in order if a success", function()
+    storm [==[
+F.run(function()
+  local call_all = F.client_methods.call_all
+  local function args() return table.pack(F.client, {"a", "b"}, 2, {}) end
+  local function echoed(l, a, replies)
+    if type(replies) ~= "table" then return false, "a table expected" end
+    local n = type(a[2]) == "table" and rawlen(a[2]) or 0
+    if #replies ~= n then return false, ("%d replies for %d bodies"):format(#replies, n) end
+    for i = 1, n do
+      local want = F.echo_of(rawget(a[2], i))
+      if replies[i] ~= want then
+        return false, ("reply %d is %s, not %s"):format(i, F.show(replies[i]), F.show(want))
+      end
+    end
+    return true
+  end
+  local thousand = {}
+  for i = 1, 1000 do thousand[i] = i end
+  local lists = {{"{}", {}}, {"{1, nil, 3}", {1, nil, 3}}, {"1000 bodies", thousand},
+                 {"list with raising metamethods", F.evil {"a", "b"}}, {"{1 MiB, 1 MiB}", {F.MiB, F.MiB}}}
+  for _, v in ipairs(F.values()) do
+    if not rawequal(v[2], F.NONE) then lists[#lists + 1] = {"{" .. v[1] .. "}", {v[2]}} end
+    if not rawequal(v[2], F.NONE) then lists[#lists + 1] = {"{'a', " .. v[1] .. "}", {"a", v[2]}} end
+  end
+  F.vary("client:call_all", call_all, args, echoed, {
+    nil, lists, {{"1e-9", 1e-9}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}},
+  })
+  F.vary_options("client:call_all", call_all, args, 4,
+    {"content_type", "headers", "persistent", "priority", "exchange", "routing_key", "timeout", "colour"}, echoed)
+end)
+]==]
+  end)
+
+  it("client:stats, close, __tostring, __close, __gc: any self or extra argument has an allowed outcome", function()
+    storm [==[
+F.run(function()
+  local function ignore_args(valid) return function(l, _, ...) return valid(l, ...) end end
+  local function args() return table.pack(F.open_client(), nil) end
+  F.vary("client:stats", F.client_methods.stats, args, ignore_args(F.table_of_counts))
+  F.vary("client:close", F.client_methods.close, args, ignore_args(F.nothing))
+  F.vary("client.__tostring", F.client_meta.__tostring, args, ignore_args(F.tostring_result))
+  F.vary("client.__close", F.client_meta.__close, args, ignore_args(F.nothing))
+  F.vary("client.__gc", F.client_meta.__gc, args, ignore_args(F.nothing))
+end)
+]==]
+  end)
+
+  it("server:run and server:poll: any self or timeout has an allowed outcome", function()
+    storm [==[
+F.run(function()
+  local function ignore_args(valid) return function(l, _, ...) return valid(l, ...) end end
+  local run = F.bounded(F.server_methods.run)
+  local function run_args() return table.pack(F.open_server(), nil) end
+  F.vary("server:run", run, run_args, ignore_args(F.is_true))
+  -- a request is waiting for F.echo before each poll, so that a valid timeout returns at once
+  local function poll_args()
+    F.client:send("p")
+    return table.pack(F.echo, 0)
+  end
+  F.vary("server:poll", F.server_methods.poll, poll_args, ignore_args(F.count),
+    {nil, {{"1e-9", 1e-9}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}}})
+end)
+]==]
+  end)
+
+  it("server:stop, close, stats, __tostring, __close, __gc: any self or extra argument has an allowed outcome", function()
+    storm [==[
+F.run(function()
+  local function ignore_args(valid) return function(l, _, ...) return valid(l, ...) end end
+  local function args() return table.pack(F.open_server(), nil) end
+  F.vary("server:stop", F.server_methods.stop, args, ignore_args(F.nothing))
+  F.vary("server:stats", F.server_methods.stats, args, ignore_args(F.table_of_counts))
+  F.vary("server:close", F.server_methods.close, args, ignore_args(F.nothing))
+  F.vary("server.__tostring", F.server_meta.__tostring, args, ignore_args(F.tostring_result))
+  F.vary("server.__close", F.server_meta.__close, args, ignore_args(F.nothing))
+  F.vary("server.__gc", F.server_meta.__gc, args, ignore_args(F.nothing))
+  -- a stopped server that is not running: the next run still runs (and is stopped as usual)
+  local s = F.open_server()
+  s:stop()
+  F.check("server:run() after a stop() outside run", F.is_true, F.bounded(s.run), s)
+end)
+]==]
+  end)
+
+  it("a handler that raises any value, yields or returns a non-string gets its caller 'remote'; its server serves on", function()
+    storm [==[
+local function tostring_raises()
+  return setmetatable({}, {__tostring = function() error("EVIL __tostring") end})
+end
+local function tostring_raises_itself()
+  local t
+  t = setmetatable({}, {__tostring = function() error(t) end})
+  return t
+end
+local server
+local bad = {   -- body -> what the handler does
+  ["error(nil)"] = function() error(nil) end,
+  ["error({})"] = function() error({}) end,
+  ["error(table whose __tostring raises)"] = function() error(tostring_raises()) end,
+  ["error(table whose __tostring raises it)"] = function() error(tostring_raises_itself()) end,
+  ["error(table whose __tostring returns a table)"] = function()
+    error(setmetatable({}, {__tostring = function() return {} end}))
+  end,
+  ["error(table whose __tostring yields)"] = function()
+    error(setmetatable({}, {__tostring = coroutine.yield}))
+  end,
+  ["error(table with raising metamethods)"] = function() error(F.evil()) end,
+  ["error(42)"] = function() error(42) end,
+  ["error(true)"] = function() error(true) end,
+  ["error(function)"] = function() error(print) end,
+  ["error(coroutine)"] = function() error(coroutine.create(print)) end,
+  ["error(io.stdout)"] = function() error(io.stdout) end,
+  ["error(a client)"] = function() error(F.client) end,
+  ["error(1 MiB string)"] = function() error(F.MiB) end,
+  ["error('a\\0b')"] = function() error("a\0b") end,
+  ["error('x', 0)"] = function() error("x", 0) end,
+  ["coroutine.yield()"] = function() coroutine.yield("y") end,
+  ["stack overflow"] = function() local function f() return 1 + f() end return f() end,
+  ["string.rep too large"] = function() return string.rep("x", 1 << 62) end,
+  ["return nothing"] = function() end,
+  ["return nil, 'x'"] = function() return nil, "x" end,
+  ["return {}"] = function() return {} end,
+  ["return true"] = function() return true end,
+  ["return table with raising metamethods"] = function() return F.evil() end,
+  ["return a function"] = function() return print end,
+  ["server:poll(0) inside its own handler"] = function() return server:poll(0) end,
+  ["server:run() inside its own handler"] = function() return server:run() end,
+}
+local good = {   -- body -> handler, and the reply
+  ["return 0/0"] = {function() return 0 / 0 end},
+  ["return math.huge"] = {function() return math.huge end, "inf"},
+  ["return 2^63"] = {function() return 2 ^ 63 end, tostring(2 ^ 63)},
+  ["return 1 MiB"] = {function() return F.MiB end, F.MiB},
+  ["return '', 'extra'"] = {function() return "", "extra" end, ""},
+  ["collectgarbage()"] = {function() collectgarbage() return "gc" end, "gc"},
+  ["call another service through the waiting client"] = {
+    function() return (F.client:call("inner", 2)) end, "inner"},
+}
+local over_max_body = "return 16 MiB + 1"   -- the server's default max_body is 16 MiB
+local queue = F.queue("handlers")
+local function handler(body)
+  if body == over_max_body then return ("r"):rep((16 << 20) + 1) end
+  if bad[body] then return bad[body]() end
+  if good[body] then return good[body][1]() end
+  return body
+end
+
+local function storm()
+  local errors = server:stats().errors
+  for body in pairs(bad) do
+    local label = "handler doing " .. body
+    local outcome = F.check(label, function() return false, "nil, message, 'remote' expected" end,
+                            F.client.call, F.client, body, 5, {routing_key = queue})
+    if outcome ~= "remote" and outcome ~= "violation" then
+      F.violation(label, "got " .. outcome .. ", not remote")
+    end
+    F.must(label .. ", then an echo", F.reply_is("echo"), F.client.call, F.client, "echo", 5,
+           {routing_key = queue})
+  end
+  for body, case in pairs(good) do
+    F.must("handler doing " .. body, F.reply_is(case[2]), F.client.call, F.client, body, 5, {routing_key = queue})
+  end
+  local stats = server:stats()
+  local n = 0
+  for _ in pairs(bad) do n = n + 1 end
+  if stats.errors - errors ~= n then
+    F.violation("server:stats().errors", ("%d errors for %d bad handlers"):format(stats.errors - errors, n))
+  end
+  if type(stats.last_error) ~= "string" then F.violation("server:stats().last_error", "not a string") end
+  local outcome = F.check("handler doing " .. over_max_body, function() return false, "'too_large' expected" end,
+                          F.client.call, F.client, over_max_body, 10, {routing_key = queue})
+  if outcome ~= "too_large" and outcome ~= "violation" then
+    F.violation("handler doing " .. over_max_body, "got " .. outcome .. ", not too_large")
+  end
+end
+
+F.run(function()
+  server = assert(rpc.server(queue, handler, {url = F.URL, auto_delete = true}))
+  storm()   -- the caller in a coroutine
+end)
+storm()     -- the caller on the main thread
+
+-- a handler that closes the client waiting on it: that call ends 'closed'
+local victim = assert(rpc.client(queue, {url = F.URL}))
+bad["close the waiting client"] = function() victim:close() return "closed" end
+F.check("handler closing the client that waits", F.any, victim.call, victim, "close the waiting client", 5)
+-- a handler that closes its own server: the reply still goes out, then the server is closed
+local closing
+closing = assert(rpc.server(F.queue("closing"), function() closing:close() return "bye" end,
+                            {url = F.URL, auto_delete = true}))
+F.must("handler closing its own server", F.reply_is("bye"), F.client.call, F.client, "x", 5,
+       {routing_key = F.queue_of(closing)})
+if not tostring(closing):find("closed") then F.violation("a server closed by its handler", "still open") end
+server:close()
+]==]
+  end)
+
+  it("a __gc that calls the client during its call or call_all changes none of their requests and costs no connection", function()
+    storm [==[
+-- Garbage whose finalizer, once armed, calls the client on its k-th run; with a whole GC cycle
+-- at every allocation check, k walks the finalizer through every point of the outer call.
+F.run(function()
+  local queue = F.queue("gc")
+  local server = assert(rpc.server(queue, function(body, request)
+    return body .. "|" .. tostring(request.headers and request.headers.tag)
+  end, {url = F.URL, auto_delete = true}))
+  local client = assert(rpc.client(queue, {url = F.URL, timeout = 5}))
+  local arm, nested
+  local mt = {}
+  mt.__gc = function()
+    if arm then
+      arm = arm - 1
+      if arm <= 0 then
+        arm = nil
+        local reply, message, kind = client:call("inner", 0.2, {headers = {tag = ("in"):rep(20)}})
+        nested = {reply, message, kind}
+      end
+    end
+    setmetatable({}, mt)   -- always one more: a finalizer at every GC cycle
+  end
+  setmetatable({}, mt)
+
+  local function replies_are(bodies)
+    return function(_, replies)
+      for i, body in ipairs(bodies) do
+        local want = tostring(body) .. "|outer"
+        if type(replies) ~= "table" or replies[i] ~= want then
+          local got = type(replies) == "table" and replies[i]
+          return false, ("reply %d is %s, not %s"):format(i, F.show(got), F.show(want))
+        end
+      end
+      return true
+    end
+  end
+
+  local big = ("b"):rep(100000)
+  local cases = {
+    call_all = function(bodies, opts) return client:call_all(bodies, 5, opts) end,
+    call = function(bodies, opts) return {client:call(bodies[3], 5, opts)} end,
+  }
+  for _, mode in ipairs {"incremental", "generational"} do
+    for k = 1, 14 do
+      for _, case in ipairs {"call_all", "call"} do
+        if mode == "incremental" then
+          collectgarbage("incremental", 1, 1000, 30)   -- pause ~0, a whole cycle per step
+        else
+          collectgarbage("generational", 1, 100)       -- a young collection every 1 % of growth
+        end
+        collectgarbage("stop")
+        local bodies, opts = {1, 2, big, 4}, {headers = {tag = "outer"}}
+        arm, nested = k, nil
+        collectgarbage("restart")
+        local label = ("client:%s with a finalizer calling the client at its GC check %d (%s GC)")
+          :format(case, k, mode)
+        F.must(label, replies_are(case == "call" and {big} or bodies), cases[case], bodies, opts)
+        arm = nil
+        collectgarbage("incremental", 200, 100, 13)
+        if nested and nested[3] == "connection" then
+          F.violation(label, "the finalizer's own call cost the connection: " .. F.show(nested[2]))
+        end
+      end
+    end
+  end
+  server:close()
+  client:close()
+end)
+]==]
+  end)
+
+  it("a log function that raises any value, yields or calls a client never stops its server reconnecting and serving", function()
+    storm [==[
+local logs = {
+  ["raises"] = function() error("EVIL log") end,
+  ["raises a table"] = function() error({}) end,
+  ["raises nil"] = function() error(nil) end,
+  ["raises a table whose __tostring raises"] = function()
+    error(setmetatable({}, {__tostring = function() error("EVIL") end}))
+  end,
+  ["yields"] = function() coroutine.yield() end,
+  ["calls a client"] = function() return F.client:call("from log", 1) end,
+  ["closes the client that waits"] = function() F.other:close() end,
+}
+F.run(function()
+  local servers, deletes = {}, {}
+  for name, log in pairs(logs) do
+    local s = {name = name, calls = 0, queue = F.queue("log")}
+    local function counted(line)
+      s.calls = s.calls + 1
+      return log(line)
+    end
+    s.server = assert(rpc.server(s.queue, function(b) return b end, {url = F.URL, auto_delete = true, log = counted}))
+    servers[#servers + 1] = s
+    deletes[#deletes + 1] = ('{"op": "delete", "queue": "%s"}'):format(s.queue)
+  end
+  -- the broker cancels each consumer: every server loses its connection, logs, reconnects, logs
+  assert(os.execute(("/usr/bin/python3 %s ops '[%s]' > /dev/null"):format(F.TOOL, table.concat(deletes, ", "))))
+  for _, s in ipairs(servers) do
+    local deadline, reply = os.time() + 15, nil
+    repeat
+      local client = F.open_client()
+      F.check("a call to the server whose log " .. s.name, F.any, client.call, client, "back", 0.5,
+              {routing_key = s.queue})
+      reply = F.client:call("back", 0.5, {routing_key = s.queue})
+    until reply == "back" or os.time() > deadline
+    if reply ~= "back" then F.violation("the server whose log " .. s.name, "did not serve again within 15 s") end
+    if s.calls < 2 then
+      F.violation("the server whose log " .. s.name, ("log called %d times, 2 expected"):format(s.calls))
+    end
+    if s.server:stats().reconnects < 1 then
+      F.violation("the server whose log " .. s.name, "no reconnect counted")
+    end
+    s.server:close()
+  end
+end)
+]==]
+  end)
+end)
