@@ -42,8 +42,11 @@ static const char *parse_endpoint(const char *url, size_t len, struct rpc_endpoi
   char *scratch = copy_string(url);
   if (!scratch) return "not enough memory";
   const char *bad = NULL;
-  if (strlen(url) != len || amqp_parse_url(scratch, &info) != AMQP_STATUS_OK)
+  /* amqp_parse_url decodes %00 in place: it would cut a user, password or vhost short */
+  if (strlen(url) != len || strstr(url, "%00") || amqp_parse_url(scratch, &info) != AMQP_STATUS_OK)
     bad = "invalid url (expected amqp://user:password@host:port/vhost or amqps://...)";
+  else if (info.port <= 0 || info.port > 65535)
+    bad = "invalid url (the port must be from 1 to 65535)";
   if (!bad) {
     e->tls = info.ssl;
     e->host = copy_string(info.host);
