@@ -17,7 +17,8 @@ enum reply_mode { REPLY_DIRECT, REPLY_EXCLUSIVE, REPLY_NAMED };
 struct rpc_client {
   struct rpc_conn conn;
   struct rpc_loop *loop;
-  char queue[256];
+  char queue[256];      /* the routing key requests are published with */
+  char exchange[256];   /* through which: "" is the default exchange */
   enum reply_mode mode;
   char reply_to[256];   /* what requests carry: the direct pseudo-queue or our queue's name */
   double timeout;
@@ -77,7 +78,7 @@ static int client_connect(struct rpc_client *c, double limit) {
 
 static const char *const client_options[] = {"url",     "urls",     "heartbeat", "connect_timeout",
                                              "timeout", "reply_to", "confirm",   "max_body",
-                                             "tls",     NULL};
+                                             "tls",     "exchange", NULL};
 
 /* rpc.client(queue [, opts]): the client, or nil, message, kind. */
 static int client_new(lua_State *L) {
@@ -91,6 +92,10 @@ static int client_new(lua_State *L) {
   luaL_argcheck(L, rlen > 0 && rlen < 256 && strlen(reply_to) == rlen, 2,
                 "option 'reply_to' must be 1 to 255 bytes, none of them NUL");
   int confirm = opts_boolean(L, 2, "confirm", 0);
+  size_t elen;
+  const char *exchange = opts_string(L, 2, "exchange", "", &elen);
+  luaL_argcheck(L, elen < 256 && strlen(exchange) == elen, 2,
+                "option 'exchange' must be at most 255 bytes, none of them NUL");
 
   struct rpc_client *c = lua_newuserdatauv(L, sizeof *c, 1);
   memset(c, 0, sizeof *c);
@@ -101,6 +106,7 @@ static int client_new(lua_State *L) {
   c->open = 1;  /* from here on, close (and so __gc) frees whatever is acquired */
   conn_init(L, &c->conn, 2, CLIENT_MAX_BODY);
   memcpy(c->queue, queue, qlen + 1);
+  memcpy(c->exchange, exchange, elen + 1);
   c->timeout = timeout;
   c->confirm = confirm;
   if (strcmp(reply_to, "direct") == 0) {
@@ -357,7 +363,7 @@ static void read_request(lua_State *L, struct rpc_client *c, int arg, const char
   p->_flags = 0;
   r->arg = arg;
   r->headers = 0;
-  r->exchange = amqp_empty_bytes;
+  r->exchange = amqp_cstring_bytes(c->exchange);
   r->routing_key = amqp_cstring_bytes(c->queue);
   if (lua_isnoneornil(L, arg)) return;
   opts_check_keys(L, arg, keys);
@@ -375,7 +381,7 @@ static void read_request(lua_State *L, struct rpc_client *c, int arg, const char
     p->_flags |= AMQP_BASIC_PRIORITY_FLAG;
     p->priority = (uint8_t)priority;
   }
-  r->exchange = short_string(L, arg, "exchange", "");
+  r->exchange = short_string(L, arg, "exchange", c->exchange);
   r->routing_key = short_string(L, arg, "routing_key", c->queue);
   if (keys == send_options) r->timeout = opts_number(L, arg, "timeout", r->timeout, 0.001, RPC_MAX_TIMEOUT);
   if (opts_get(L, arg, "headers") != LUA_TNIL) {

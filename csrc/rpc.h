@@ -165,5 +165,6 @@ int server_service(lua_State *L, int idx);
 LUAMOD_API int luaopen_rpc_core(lua_State *L);
 int rpc_client_open(lua_State *L);
 int rpc_server_open(lua_State *L);
+int rpc_messaging_open(lua_State *L);
 
 #endif

@@ -14,7 +14,7 @@
 #define MAX_RETRY 30.0         /* the backoff doubles up to this */
 
 /* user values */
-enum { UV_HANDLER = 1, UV_MSGH, UV_ARGUMENTS, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_COUNT = UV_ALLOW };
+enum { UV_HANDLER = 1, UV_MSGH, UV_ARGUMENTS, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_BIND, UV_COUNT = UV_BIND };
 
 struct rpc_server {
   struct rpc_conn conn;
@@ -22,6 +22,7 @@ struct rpc_server {
   struct rpc_server *next;
   char queue[256];
   int prefetch, durable, exclusive, auto_delete;
+  int server_named;   /* declared as "": a new name on every connection */
   int wants_request;  /* the handler declares a second parameter */
   int open, busy, stopping, close_pending;
   double backoff, retry_at;   /* while the connection is down */
@@ -300,6 +301,87 @@ int server_service(lua_State *L, int idx) {
 
 /* ---- setting up ---- */
 
+/* opts.bind, checked at creation: {exchange, routing_key, type, durable}, one or a list. The
+ * exchange is declared when a type is given; the routing key defaults to the queue's name. */
+static int bind_queue(lua_State *L, struct rpc_server *s, int idx) {
+  if (lua_getiuservalue(L, idx, UV_BIND) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  int list = lua_gettop(L), failed = 0;
+  for (lua_Integer i = 1; !failed && lua_rawgeti(L, list, i) == LUA_TTABLE; i++) {
+    int b = lua_gettop(L);
+    size_t len;
+    const char *exchange = (opts_get(L, b, "exchange"), lua_tolstring(L, -1, &len));
+    amqp_bytes_t name = {len, (void *)exchange};
+    const char *key = (opts_get(L, b, "routing_key"), lua_tostring(L, -1));
+    const char *type = (opts_get(L, b, "type"), lua_tostring(L, -1));
+    int durable = opts_get(L, b, "durable") == LUA_TBOOLEAN && lua_toboolean(L, -1);
+    if (type) {
+      amqp_exchange_declare(s->conn.amqp, RPC_CHANNEL, name, amqp_cstring_bytes(type), 0, durable, 0, 0,
+                            amqp_empty_table);
+      failed = conn_check_reply(&s->conn, "declaring the exchange");
+    }
+    if (!failed) {
+      amqp_queue_bind(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->queue), name,
+                      amqp_cstring_bytes(key ? key : s->queue), amqp_empty_table);
+      failed = conn_check_reply(&s->conn, "binding the queue");
+    }
+    lua_settop(L, b - 1);
+  }
+  lua_settop(L, list - 1);
+  return failed ? -1 : 0;
+}
+
+static const char *const bind_options[] = {"exchange", "routing_key", "type", "durable", NULL};
+static const char *const exchange_types[] = {"direct", "fanout", "topic", "headers", NULL};
+
+static void check_binding(lua_State *L, int b, int opts) {
+  lua_pushnil(L);
+  while (lua_next(L, b)) {
+    lua_pop(L, 1);
+    int known = 0;
+    for (int i = 0; bind_options[i] && lua_type(L, -1) == LUA_TSTRING && !known; i++)
+      known = strcmp(lua_tostring(L, -1), bind_options[i]) == 0;
+    if (!known) luaL_argerror(L, opts, lua_pushfstring(L, "unknown option 'bind.%s'", luaL_tolstring(L, -1, NULL)));
+  }
+  size_t len;
+  if (opts_get(L, b, "exchange") != LUA_TSTRING || (lua_tolstring(L, -1, &len), len == 0 || len > 255))
+    luaL_argerror(L, opts, "option 'bind.exchange' must be an exchange name (1 to 255 bytes)");
+  int t = opts_get(L, b, "routing_key");
+  if (t != LUA_TNIL && (t != LUA_TSTRING || lua_rawlen(L, -1) > 255))
+    luaL_argerror(L, opts, "option 'bind.routing_key' must be a string of at most 255 bytes");
+  t = opts_get(L, b, "type");
+  if (t != LUA_TNIL) {
+    int known = 0;
+    for (int i = 0; exchange_types[i] && t == LUA_TSTRING && !known; i++)
+      known = strcmp(lua_tostring(L, -1), exchange_types[i]) == 0;
+    if (!known) luaL_argerror(L, opts, "option 'bind.type' must be direct, fanout, topic or headers");
+  }
+  t = opts_get(L, b, "durable");
+  if (t != LUA_TNIL && t != LUA_TBOOLEAN) luaL_argerror(L, opts, "option 'bind.durable' must be a boolean");
+  lua_pop(L, 4);
+}
+
+/* opts.bind as a list of bindings, pushed (nil when absent). */
+static void push_bindings(lua_State *L, int opts) {
+  int t = opts_get(L, opts, "bind");
+  if (t == LUA_TNIL) return;
+  int value = lua_gettop(L);
+  if (t != LUA_TTABLE) luaL_argerror(L, opts, "option 'bind' must be a table (a binding or a list of them)");
+  int single = lua_rawlen(L, value) == 0;
+  lua_Integer n = single ? 1 : (lua_Integer)lua_rawlen(L, value);
+  lua_createtable(L, (int)n, 0);
+  for (lua_Integer i = 1; i <= n; i++) {
+    if (single) lua_pushvalue(L, value);
+    else if (lua_rawgeti(L, value, i) != LUA_TTABLE)
+      luaL_argerror(L, opts, lua_pushfstring(L, "bind[%I] must be a table", i));
+    check_binding(L, lua_gettop(L), opts);
+    lua_rawseti(L, value + 1, i);
+  }
+  lua_remove(L, value);
+}
+
 static int declare_and_consume(lua_State *L, struct rpc_server *s, int idx) {
   amqp_table_t args = amqp_empty_table;
   amqp_pool_t pool;
@@ -307,16 +389,17 @@ static int declare_and_consume(lua_State *L, struct rpc_server *s, int idx) {
   lua_getiuservalue(L, idx, UV_ARGUMENTS);
   if (lua_istable(L, -1)) table_from_lua(L, lua_gettop(L), 3, &pool, &args);  /* checked already */
   amqp_queue_declare_ok_t *ok =
-      amqp_queue_declare(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->queue), 0, s->durable,
-                         s->exclusive, s->auto_delete, args);
+      amqp_queue_declare(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->server_named ? "" : s->queue),
+                         0, s->durable, s->exclusive, s->auto_delete, args);
   lua_pop(L, 1);
   empty_amqp_pool(&pool);
   if (conn_check_reply(&s->conn, "declaring the queue")) return -1;
-  if (!s->queue[0] && ok) {  /* a server-named queue */
+  if (s->server_named && ok) {  /* amq.gen-..., a new one on each connection */
     size_t n = ok->queue.len < sizeof s->queue ? ok->queue.len : sizeof s->queue - 1;
     memcpy(s->queue, ok->queue.bytes, n);
     s->queue[n] = '\0';
   }
+  if (bind_queue(L, s, idx)) return -1;
   amqp_basic_qos(s->conn.amqp, RPC_CHANNEL, 0, (uint16_t)s->prefetch, 0);
   if (conn_check_reply(&s->conn, "setting the prefetch")) return -1;
   amqp_basic_consume(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->queue), amqp_empty_bytes, 0,
@@ -337,7 +420,7 @@ static void check_arguments_table(lua_State *L, int opts) {
 
 static const char *const server_options[] = {
     "url", "urls", "heartbeat", "connect_timeout", "durable", "exclusive", "auto_delete",
-    "arguments", "prefetch", "log", "max_body", "tls", "reply_to_allow", NULL};
+    "arguments", "prefetch", "log", "max_body", "tls", "reply_to_allow", "bind", NULL};
 
 /* opts.reply_to_allow (a pattern or a list of them) as {string.find, pattern...}, pushed; nil
  * when absent. string.find is taken from the string metatable, not from a global a script may
@@ -387,6 +470,8 @@ static int server_new(lua_State *L) {
   lua_pop(L, 1);
   push_reply_to_allow(L, 3);
   int allow = lua_istable(L, -1) ? lua_gettop(L) : 0;
+  push_bindings(L, 3);
+  int bind = lua_istable(L, -1) ? lua_gettop(L) : 0;
 
   struct rpc_server *s = lua_newuserdatauv(L, sizeof *s, UV_COUNT);
   memset(s, 0, sizeof *s);
@@ -418,6 +503,11 @@ static int server_new(lua_State *L) {
     lua_setiuservalue(L, idx, UV_ALLOW);
     s->has_allow = 1;
   }
+  if (bind) {
+    lua_pushvalue(L, bind);
+    lua_setiuservalue(L, idx, UV_BIND);
+  }
+  s->server_named = qlen == 0;
   s->jitter = ((uint32_t)((uintptr_t)s >> 4) ^ (uint32_t)(rpc_now() * 1e6)) | 1;  /* never 0 */
   s->open = 1;
   if (conn_open(&s->conn, s->conn.connect_timeout) || declare_and_consume(L, s, idx)) {

@@ -6,6 +6,7 @@ local M = {
   client = core.client,   -- rpc.client(queue [, opts])
   server = core.server,   -- rpc.server(queue, handler [, opts])
   serve = core.serve,     -- rpc.serve(queue, handler [, opts]): server + run + close
+  connect = core.connect, -- rpc.connect([opts]): publish, declare, bind, consume, receive, ack
   _VERSION = core._VERSION,
 }
 
