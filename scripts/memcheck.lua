@@ -34,6 +34,27 @@ slow:close()  -- closed: nobody serves, requests time out
 assert(select(3, late:call("x", 0.2)) == "timeout")
 assert(select(3, rpc.client(q, {url = "amqp://guest:wrong@localhost:" .. (os.getenv("RPC_BROKER_PORT") or 5673) .. "/"})) == "auth")
 assert(select(3, rpc.client(q, {url = "amqp://guest:guest@localhost:1/"})) == "connection")
+do  -- rpc.connect: declare, publish, consume, receive, ack, a message kept unreceived, failures
+  local conn <close> = assert(rpc.connect({max_body = 1000}))
+  assert(conn:declare_exchange(q .. "-x", "topic", {auto_delete = true}))
+  local mq = assert(conn:declare_queue("", {exclusive = true}))
+  assert(conn:bind(mq, q .. "-x", "#"))
+  assert(conn:consume(mq, {prefetch = 10}))
+  for i = 1, calls do
+    assert(conn:publish(q .. "-x", "k." .. i, ("m"):rep(i), {headers = {i = i}, content_type = "t"}))
+    local m = assert(conn:receive(5))
+    assert(conn:ack(m.delivery_tag))
+  end
+  assert(select(3, conn:publish(q .. "-x", "k", ("m"):rep(1001))) == "too_large")
+  local big = assert(rpc.connect())
+  assert(big:publish(q .. "-x", "k", ("m"):rep(2000)))
+  assert(select(3, conn:receive(5)) == "too_large")   -- rejected, never buffered
+  assert(conn:publish("", mq, "kept"))
+  assert(conn:declare_queue(q .. "-y", {auto_delete = true}))  -- "kept" may arrive meanwhile
+  assert(select(3, conn:declare_exchange(q .. "-x", "fanout")) == "broker")
+  assert(conn:declare_queue(q .. "-z", {auto_delete = true}))  -- reconnected
+  big:close()
+end
 server:close()
 rpc.server(q .. "-gc", function() return "" end, {auto_delete = true})  -- left open: freed by lua_close
 print("memcheck: done")
