@@ -24,6 +24,7 @@ build = {
   type = "builtin",
   modules = {
     rpc = "lua/rpc.lua",
+    ["rpc.cli"] = "lua/rpc/cli.lua",
     ["rpc.core"] = {
       sources = {
         "csrc/core.c", "csrc/options.c", "csrc/connection.c", "csrc/table.c",
@@ -35,4 +36,5 @@ build = {
       defines = {},
     },
   },
+  install = { bin = { rabbitrpc = "bin/rabbitrpc" } },  -- needs lua-argparse (and lua-system for --repeat)
 }
