@@ -21,6 +21,7 @@ struct rpc_connection {
   amqp_pool_t pool;   /* a publish's headers, recycled per publish */
   int open;
   int reading;        /* a message is in hand: a finalizer must not read past it */
+  int loss_unreported;  /* lost while reading ahead: the next operation says so, not reconnects */
   lua_Integer inbox_first, inbox_last;
 };
 
@@ -161,10 +162,19 @@ static int drain(lua_State *L, struct rpc_connection *m) {
   return 0;
 }
 
-/* For every operation: open, and connected (a lost connection is replaced now). */
+static int quiet(const struct rpc_connection *m) {
+  return m->conn.amqp && rpc_now() - m->conn.last_pumped > RPC_HEARTBEAT_READ;
+}
+
+/* For every operation: open, and connected. A loss is reported once, by the operation that
+ * meets it; the next one replaces the connection. */
 static int ready(lua_State *L, struct rpc_connection *m) {
   if (!m->open) return closed(L);
-  if (m->conn.amqp && rpc_now() - m->conn.last_pumped > RPC_HEARTBEAT_READ && drain(L, m)) return 3;
+  if (quiet(m) && drain(L, m)) return 3;
+  if (!m->conn.amqp && m->loss_unreported) {
+    m->loss_unreported = 0;
+    return lost(L, m);
+  }
   if (!m->conn.amqp && conn_open(&m->conn, m->conn.connect_timeout)) return lost(L, m);
   return 0;
 }
@@ -181,16 +191,19 @@ static int connection_receive(lua_State *L) {
   double timeout = luaL_optnumber(L, 2, HUGE_VAL);
   luaL_argcheck(L, timeout >= 0, 2, "timeout must be a number of seconds, 0 or more");
   if (!m->open) return closed(L);
-  lua_getiuservalue(L, 1, UV_INBOX);
+  int n;
+  if (quiet(m) && (n = drain(L, m))) {  /* what arrived meanwhile goes to the inbox first */
+    lua_pop(L, n);
+    m->loss_unreported = 1;
+  }
   if (m->inbox_first <= m->inbox_last) {  /* read earlier, while doing something else */
+    lua_getiuservalue(L, 1, UV_INBOX);
     lua_rawgeti(L, -1, m->inbox_first);
     lua_pushnil(L);
     lua_rawseti(L, -3, m->inbox_first++);
     return 1;
   }
-  lua_pop(L, 1);
-  int n = ready(L, m);
-  if (n) return n;
+  if ((n = ready(L, m))) return n;
   double deadline = rpc_now() + (timeout > RPC_MAX_TIMEOUT ? RPC_MAX_TIMEOUT * 1000 : timeout);
   lua_Hook hook = lua_gethook(L);
   int input = conn_has_input(&m->conn) || timeout == 0;

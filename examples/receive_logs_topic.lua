@@ -1,0 +1,29 @@
+-- RabbitMQ tutorial 5 (topics), the receiver: prints the log lines whose routing key matches one
+-- of the binding keys given, on the topic exchange "topic_logs" ("*" is one word, "#" any number).
+--   RPC_URL=amqp://guest:guest@localhost:5673/ lua5.4 examples/receive_logs_topic.lua "kern.*" "*.critical"
+package.path = arg[0]:gsub("[^/]*$", "") .. "../lua/?.lua;" .. package.path     -- run from a checkout
+package.cpath = arg[0]:gsub("[^/]*$", "") .. "../build/?.so;" .. package.cpath
+local rpc = require "rpc"
+
+local function check(ok, ...)  -- a failure (nil, message, kind) ends the script
+  if ok then return ok, ... end
+  io.stderr:write("receive_logs_topic: ", ..., " (", select(2, ...), ")\n")
+  os.exit(1)
+end
+
+if #arg == 0 then
+  io.stderr:write(("Usage: %s [binding_key]...\n"):format(arg[0]))
+  os.exit(1)
+end
+io.stdout:setvbuf("line")
+local exchange = os.getenv("RPC_EXCHANGE") or "topic_logs"
+local conn = check(rpc.connect())
+check(conn:declare_exchange(exchange, "topic"))
+local queue = check(conn:declare_queue("", {exclusive = true}))
+for _, binding_key in ipairs(arg) do check(conn:bind(queue, exchange, binding_key)) end
+check(conn:consume(queue, {ack = false}))
+print(" [*] Waiting for logs. To exit press CTRL+C")
+while true do  -- until Ctrl-C or SIGTERM
+  local msg = check(conn:receive())
+  print((" [x] %s:%s"):format(msg.routing_key, msg.body))
+end
