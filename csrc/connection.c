@@ -198,8 +198,8 @@ static const char *kind_of_close(int code, amqp_bytes_t text) {
       for (size_t i = 0; i + sizeof permission - 1 <= text.len; i++)
         if (memcmp((const char *)text.bytes + i, permission, sizeof permission - 1) == 0) return "auth";
       return "broker";
-    case 530: /* NOT_ALLOWED: the vhost */
-      return "auth";
+    case 530: /* NOT_ALLOWED: the vhost at login (classified as auth there), a reused tag... */
+      return "broker";
     case 320: /* CONNECTION_FORCED: broker stopping, or close_connection */
       return "connection";
     case 404: /* NOT_FOUND: the exchange a request was sent to */

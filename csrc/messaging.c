@@ -145,21 +145,70 @@ static int read_one(lua_State *L, struct rpc_connection *m) {
   }
 }
 
-static void inbox_push(lua_State *L, struct rpc_connection *m) {
+/* Appends what read_one pushed (n = 1: a message; 3: nil, message, kind, kept as a table
+ * without body) to the inbox, for receive. */
+static void inbox_push(lua_State *L, struct rpc_connection *m, int n) {
+  if (n == 3) {
+    lua_createtable(L, 0, 2);
+    lua_insert(L, -3);
+    lua_setfield(L, -3, "kind");
+    lua_setfield(L, -2, "message");
+    lua_remove(L, -2);  /* the nil */
+  }
   lua_getiuservalue(L, 1, UV_INBOX);
   lua_insert(L, -2);
   lua_rawseti(L, -2, ++m->inbox_last);
   lua_pop(L, 1);
 }
 
+/* Pushes the inbox's oldest entry as receive's result (1 or 3). */
+static int inbox_take(lua_State *L, struct rpc_connection *m) {
+  lua_getiuservalue(L, 1, UV_INBOX);
+  lua_rawgeti(L, -1, m->inbox_first);
+  lua_pushnil(L);
+  lua_rawseti(L, -3, m->inbox_first++);
+  if (lua_getfield(L, -1, "body") != LUA_TNIL) {
+    lua_pop(L, 1);
+    return 1;
+  }
+  lua_getfield(L, -2, "message");
+  lua_getfield(L, -3, "kind");
+  return 3;
+}
+
 /* Reads what has arrived into the inbox, so that a connection the broker closed is noticed
  * (and replaced) before an operation, and its heartbeats are answered. 0, or a failure pushed. */
 static int drain(lua_State *L, struct rpc_connection *m) {
   int n;
-  while ((n = read_one(L, m)) == 1) inbox_push(L, m);
-  if (n == 3 && !m->conn.amqp) return 3;  /* lost: the caller reports it */
-  lua_pop(L, n);  /* a cancelled consumer, or a message too large (rejected): not the caller's */
+  while ((n = read_one(L, m)) != 0) {
+    if (n == 3 && !m->conn.amqp) return 3;  /* lost: the caller reports it */
+    inbox_push(L, m, n);  /* a message, a cancelled consumer, a message too large: receive's */
+  }
   return 0;
+}
+
+/* A new connection: its consumers are gone, and so are the deliveries read ahead for
+ * consumers with manual acks (the broker redelivers them; their tags would ack others on the
+ * new channel). Deliveries the broker counted as acked are kept for receive. */
+static void forget_old_connection(lua_State *L, struct rpc_connection *m) {
+  lua_getiuservalue(L, 1, UV_INBOX);
+  lua_getiuservalue(L, 1, UV_MANUAL);
+  lua_newtable(L);
+  lua_Integer kept = 0;
+  for (lua_Integer i = m->inbox_first; i <= m->inbox_last; i++) {
+    lua_rawgeti(L, -3, i);
+    int auto_acked = lua_getfield(L, -1, "consumer_tag") == LUA_TSTRING &&
+                     (lua_rawget(L, -4), lua_isnil(L, -1));  /* manual[tag] */
+    lua_pop(L, 1);
+    if (auto_acked) lua_rawseti(L, -2, ++kept);
+    else lua_pop(L, 1);
+  }
+  lua_setiuservalue(L, 1, UV_INBOX);
+  lua_pop(L, 2);
+  lua_newtable(L);
+  lua_setiuservalue(L, 1, UV_MANUAL);
+  m->inbox_first = 1;
+  m->inbox_last = kept;
 }
 
 static int quiet(const struct rpc_connection *m) {
@@ -175,7 +224,10 @@ static int ready(lua_State *L, struct rpc_connection *m) {
     m->loss_unreported = 0;
     return lost(L, m);
   }
-  if (!m->conn.amqp && conn_open(&m->conn, m->conn.connect_timeout)) return lost(L, m);
+  if (!m->conn.amqp) {
+    forget_old_connection(L, m);
+    if (conn_open(&m->conn, m->conn.connect_timeout)) return lost(L, m);
+  }
   return 0;
 }
 
@@ -196,13 +248,7 @@ static int connection_receive(lua_State *L) {
     lua_pop(L, n);
     m->loss_unreported = 1;
   }
-  if (m->inbox_first <= m->inbox_last) {  /* read earlier, while doing something else */
-    lua_getiuservalue(L, 1, UV_INBOX);
-    lua_rawgeti(L, -1, m->inbox_first);
-    lua_pushnil(L);
-    lua_rawseti(L, -3, m->inbox_first++);
-    return 1;
-  }
+  if (m->inbox_first <= m->inbox_last) return inbox_take(L, m);  /* read while doing something else */
   if ((n = ready(L, m))) return n;
   double deadline = rpc_now() + (timeout > RPC_MAX_TIMEOUT ? RPC_MAX_TIMEOUT * 1000 : timeout);
   lua_Hook hook = lua_gethook(L);
@@ -224,6 +270,7 @@ static amqp_bytes_t name_arg(lua_State *L, int arg) {
   size_t len;
   const char *s = luaL_checklstring(L, arg, &len);
   luaL_argcheck(L, len <= 255, arg, "name longer than 255 bytes");
+  luaL_argcheck(L, strlen(s) == len, arg, "name contains a NUL byte");
   return (amqp_bytes_t){len, (void *)s};
 }
 

@@ -73,7 +73,7 @@ lua_Integer opts_integer(lua_State *L, int idx, const char *key, lua_Integer def
   if (get_option(L, idx, key)) {
     int isint = 0;
     v = lua_tointegerx(L, -1, &isint);
-    if (!isint) option_error(L, idx, key, "an integer");
+    if (!isint || lua_type(L, -1) != LUA_TNUMBER) option_error(L, idx, key, "an integer");
     if (v < min || v > max)
       luaL_argerror(L, idx, lua_pushfstring(L, "option '%s' must be between %I and %I", key,
                                             min, max));

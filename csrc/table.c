@@ -40,12 +40,12 @@ static void value_from_lua(lua_State *L, amqp_field_value_t *v) {
  * string key up to 255 bytes with a string, number or boolean value. Returns its encoded size. */
 static size_t check_entry(lua_State *L, int argn) {
   if (lua_type(L, -2) != LUA_TSTRING)
-    luaL_argerror(L, argn, lua_pushfstring(L, "header keys must be strings, got %s",
+    luaL_argerror(L, argn, lua_pushfstring(L, "table keys must be strings, got %s",
                                            luaL_typename(L, -2)));
-  if (lua_rawlen(L, -2) > MAX_KEY) luaL_argerror(L, argn, "header key longer than 255 bytes");
+  if (lua_rawlen(L, -2) > MAX_KEY) luaL_argerror(L, argn, "table key longer than 255 bytes");
   int t = lua_type(L, -1);
   if (t != LUA_TSTRING && t != LUA_TNUMBER && t != LUA_TBOOLEAN)
-    luaL_argerror(L, argn, lua_pushfstring(L, "header '%s' must be a string, number or boolean, got %s",
+    luaL_argerror(L, argn, lua_pushfstring(L, "entry '%s' must be a string, number or boolean, got %s",
                                            lua_tostring(L, -2), luaL_typename(L, -1)));
   size_t value = t == LUA_TSTRING ? 4 + lua_rawlen(L, -1) : t == LUA_TNUMBER ? 8 : 1;
   return 1 + lua_rawlen(L, -2) + 1 + value;  /* key length, key, kind, value */
