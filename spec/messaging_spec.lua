@@ -1186,6 +1186,26 @@ describe("a replaced connection", function()
     assert.equal(0, count(conn, q))  -- every ack was for a delivery of this channel
   end)
 
+  it("still hands out messages an auto-ack consumer read on the lost one (the broker will not resend them)", function()
+    local T = H.scope(finally)
+    local conn = connect(T)
+    local q, q2 = H.queue("kept"), H.queue("kept-other")
+    ok(conn:declare_queue(q))
+    ok(conn:declare_queue(q2))
+    assert.is_true(conn:publish("", q, "a1"))
+    assert.is_true(conn:publish("", q, "a2"))
+    ok(conn:consume(q, {ack = false}))
+    H.sleep(1.2)  -- idle: the next operation reads a1 and a2 ahead, for receive
+    ok(conn:declare_queue(q2))
+    fails("no_route", conn:declare_queue(H.queue("missing"), {passive = true}))  -- lost
+    ok(conn:declare_queue(q2))  -- a new connection
+    local got = {}
+    for i = 1, 2 do got[i] = receive(conn).body end
+    assert.same({"a1", "a2"}, got)
+    assert.equal(0, count(conn, q))  -- delivered once, and gone from the queue
+    assert_nothing(conn)
+  end)
+
   it("forgets the ack mode of the lost one's consumers: a reused tag takes the new mode", function()
     local T = H.scope(finally)
     local big, conn = connect(T), connect(T, {max_body = 10})
