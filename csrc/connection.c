@@ -317,6 +317,8 @@ static int open_failed(struct rpc_conn *c, const struct rpc_endpoint *e, int st)
   }
 }
 
+static void bound_sends(struct rpc_conn *c, double seconds);
+
 static int connect_socket(struct rpc_conn *c, double limit) {
   struct timeval tv = timeval_of(limit);
   const struct rpc_endpoint *e = &c->endpoints[c->current];
@@ -332,6 +334,8 @@ static int connect_socket(struct rpc_conn *c, double limit) {
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
   c->send_bound = 0;
+  /* acks and set-up methods send too, outside any publish: bound them from the start */
+  bound_sends(c, c->heartbeat ? 2.0 * c->heartbeat : 60);
   return 0;
 }
 

@@ -9,6 +9,7 @@
 
 #define CONNECTION_MT "rpc.connection"
 #define CONNECTION_MAX_BODY 134217728  /* as a client: RabbitMQ's default max_message_size */
+#define READ_AHEAD 16  /* deliveries read ahead at most: the rest waits in the socket (back-pressure) */
 
 /* user values */
 enum { UV_INBOX = 1, UV_MANUAL, UV_COUNT = UV_MANUAL };
@@ -21,7 +22,7 @@ struct rpc_connection {
   amqp_pool_t pool;   /* a publish's headers, recycled per publish */
   int open;
   int reading;        /* a message is in hand: a finalizer must not read past it */
-  int loss_unreported;  /* lost while reading ahead: the next operation says so, not reconnects */
+  int close_pending;  /* closed by a finalizer while a message was in hand: closed after it */
   lua_Integer inbox_first, inbox_last;
 };
 
@@ -120,6 +121,8 @@ static int refuse_too_large(lua_State *L, struct rpc_connection *m) {
 
 /* ---- reading ---- */
 
+static void close_now(lua_State *L, struct rpc_connection *m);
+
 /* Reads what has arrived, never waiting: pushes one message (1), a failure (3), or nothing (0).
  * A cancelled consumer is a failure; the connection stays. */
 static int read_one(lua_State *L, struct rpc_connection *m) {
@@ -138,6 +141,7 @@ static int read_one(lua_State *L, struct rpc_connection *m) {
         else push_message(L, m);
         m->reading = 0;
         conn_release_message(&m->conn);
+        if (m->close_pending) close_now(L, m);
         return n;
       }
       default: continue;  /* blocked, nacked: nothing a receiver must see */
@@ -155,7 +159,10 @@ static void inbox_push(lua_State *L, struct rpc_connection *m, int n) {
     lua_setfield(L, -2, "message");
     lua_remove(L, -2);  /* the nil */
   }
-  lua_getiuservalue(L, 1, UV_INBOX);
+  if (lua_getiuservalue(L, 1, UV_INBOX) != LUA_TTABLE) {  /* closed by a finalizer just now */
+    lua_pop(L, 2);
+    return;
+  }
   lua_insert(L, -2);
   lua_rawseti(L, -2, ++m->inbox_last);
   lua_pop(L, 1);
@@ -176,12 +183,21 @@ static int inbox_take(lua_State *L, struct rpc_connection *m) {
   return 3;
 }
 
+static void forget_old_connection(lua_State *L, struct rpc_connection *m);
+
 /* Reads what has arrived into the inbox, so that a connection the broker closed is noticed
  * (and replaced) before an operation, and its heartbeats are answered. 0, or a failure pushed. */
 static int drain(lua_State *L, struct rpc_connection *m) {
   int n;
-  while ((n = read_one(L, m)) != 0) {
-    if (n == 3 && !m->conn.amqp) return 3;  /* lost: the caller reports it */
+  while (m->inbox_last - m->inbox_first + 1 < READ_AHEAD && (n = read_one(L, m)) != 0) {
+    if (!m->open) {  /* closed by a finalizer: what was read goes back to the broker */
+      lua_pop(L, n);
+      return 0;
+    }
+    if (n == 3 && !m->conn.amqp) {  /* lost: the caller reports it now */
+      forget_old_connection(L, m);
+      return 3;
+    }
     inbox_push(L, m, n);  /* a message, a cancelled consumer, a message too large: receive's */
   }
   return 0;
@@ -220,12 +236,10 @@ static int quiet(const struct rpc_connection *m) {
 static int ready(lua_State *L, struct rpc_connection *m) {
   if (!m->open) return closed(L);
   if (quiet(m) && drain(L, m)) return 3;
-  if (!m->conn.amqp && m->loss_unreported) {
-    m->loss_unreported = 0;
-    return lost(L, m);
-  }
+  if (!m->open) return closed(L);  /* by a finalizer, while reading ahead */
   if (!m->conn.amqp) {
     forget_old_connection(L, m);
+    if (!m->open) return closed(L);  /* by a finalizer its allocations ran */
     if (conn_open(&m->conn, m->conn.connect_timeout)) return lost(L, m);
   }
   return 0;
@@ -244,10 +258,8 @@ static int connection_receive(lua_State *L) {
   luaL_argcheck(L, timeout >= 0, 2, "timeout must be a number of seconds, 0 or more");
   if (!m->open) return closed(L);
   int n;
-  if (quiet(m) && (n = drain(L, m))) {  /* what arrived meanwhile goes to the inbox first */
-    lua_pop(L, n);
-    m->loss_unreported = 1;
-  }
+  if (quiet(m) && (n = drain(L, m))) return n;  /* a loss; auto-acked deliveries stay for later */
+  if (!m->open) return closed(L);
   if (m->inbox_first <= m->inbox_last) return inbox_take(L, m);  /* read while doing something else */
   if ((n = ready(L, m))) return n;
   double deadline = rpc_now() + (timeout > RPC_MAX_TIMEOUT ? RPC_MAX_TIMEOUT * 1000 : timeout);
@@ -255,11 +267,14 @@ static int connection_receive(lua_State *L) {
   int input = conn_has_input(&m->conn) || timeout == 0;
   for (;;) {
     if (!m->open) return closed(L);
+    if (m->inbox_first <= m->inbox_last) return inbox_take(L, m);  /* a handler served meanwhile read it */
     if (!m->conn.amqp) return lost(L, m);
     if (input && (n = read_one(L, m))) return n;
     if (rpc_now() >= deadline)
       return rpc_fail(L, "timeout", lua_pushfstring(L, "no message within %f s", timeout));
-    if (lua_gethook(L) != hook) return rpc_fail(L, "interrupted", "interrupted while waiting for a message");
+    /* Ctrl-C (lua.c's hook), or SIGINT/SIGTERM caught by a server's run() whose handler waits here */
+    if (lua_gethook(L) != hook || loop_signalled())
+      return rpc_fail(L, "interrupted", "interrupted while waiting for a message");
     input = loop_wait(L, m->loop, &m->conn, deadline);
   }
 }
@@ -346,9 +361,10 @@ static int connection_declare_queue(lua_State *L) {
   amqp_queue_declare_ok_t *ok = amqp_queue_declare(m->conn.amqp, RPC_CHANNEL, name, passive, durable,
                                                    exclusive, auto_delete, build_arguments(L, m, args, 3));
   if (conn_check_reply(&m->conn, "declaring the queue") || !ok) return lost(L, m);
-  lua_pushlstring(L, ok->queue.bytes, ok->queue.len);
-  lua_pushinteger(L, ok->message_count);
-  lua_pushinteger(L, ok->consumer_count);
+  lua_Integer messages = ok->message_count, consumers = ok->consumer_count;
+  lua_pushlstring(L, ok->queue.bytes, ok->queue.len);  /* may run a finalizer: ok read before */
+  lua_pushinteger(L, messages);
+  lua_pushinteger(L, consumers);
   return 3;
 }
 
@@ -621,15 +637,25 @@ static int connection_new(lua_State *L) {
   return 1;
 }
 
+/* A finalizer run while a message is in hand (push_message allocates) may close the connection:
+ * that waits until the message is released. */
 static int connection_close(lua_State *L) {
   struct rpc_connection *m = check_connection(L);
-  if (!m->open) return 0;
+  if (m->reading) {
+    m->close_pending = 1;
+    return 0;
+  }
+  close_now(L, m);
+  return 0;
+}
+
+static void close_now(lua_State *L, struct rpc_connection *m) {
+  if (!m->open) return;
   m->open = 0;
   conn_free(&m->conn);
   empty_amqp_pool(&m->pool);
   lua_pushnil(L);  /* messages read but not received go with it: unacked, they are redelivered */
   lua_setiuservalue(L, 1, UV_INBOX);
-  return 0;
 }
 
 static int connection_tostring(lua_State *L) {

@@ -376,8 +376,15 @@ static void push_bindings(lua_State *L, int opts) {
     if (single) lua_pushvalue(L, value);
     else if (lua_rawgeti(L, value, i) != LUA_TTABLE)
       luaL_argerror(L, opts, lua_pushfstring(L, "bind[%I] must be a table", i));
-    check_binding(L, lua_gettop(L), opts);
+    int b = lua_gettop(L);
+    check_binding(L, b, opts);
+    lua_createtable(L, 0, 4);  /* a copy of what was checked: later changes to it do not count */
+    for (int k = 0; bind_options[k]; k++) {
+      opts_get(L, b, bind_options[k]);
+      lua_setfield(L, -2, bind_options[k]);
+    }
     lua_rawseti(L, value + 1, i);
+    lua_pop(L, 1);
   }
   lua_remove(L, value);
 }
@@ -508,6 +515,7 @@ static int server_new(lua_State *L) {
     lua_setiuservalue(L, idx, UV_BIND);
   }
   s->server_named = qlen == 0;
+  if (s->server_named) s->exclusive = 1;  /* a new name per connection: the old queue must go with it */
   s->jitter = ((uint32_t)((uintptr_t)s >> 4) ^ (uint32_t)(rpc_now() * 1e6)) | 1;  /* never 0 */
   s->open = 1;
   if (conn_open(&s->conn, s->conn.connect_timeout) || declare_and_consume(L, s, idx)) {

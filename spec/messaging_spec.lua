@@ -1605,3 +1605,98 @@ describe("servers and clients through exchanges", function()
     assert_bad(2, "client", function() rpc.client("k", H.opts {exchange = ("x"):rep(256)}) end, "exchange")
   end)
 end)
+
+describe("a connection used from finalizers and handlers", function()
+  teardown(H.cleanup)
+
+  it("closes after the message in hand when a finalizer closes it during receive", function()
+    local T = H.scope(finally)
+    local mode = collectgarbage("generational")
+    T:defer(function()
+      if mode == "generational" then collectgarbage(mode, 20, 100) else collectgarbage(mode, 200, 100, 13) end
+    end)
+    local headers = {}
+    for i = 1, 1000 do headers[("k%04d"):format(i)] = ("v"):rep(80) .. i end
+    local fired_once = false
+    -- the collection must fall inside receive's conversion: leave K bytes of allocation room
+    for _, K in ipairs {20000, 5000, 60000, 1000, 120000} do
+      local conn = connect(T)
+      local q = ok(conn:declare_queue("", {exclusive = true}))
+      ok(conn:consume(q, {ack = false}))
+      ok(conn:publish("", q, "small", {headers = headers}))
+      local fired = false
+      local function arm()  -- its own frame: no register of the test's keeps the garbage alive
+        collectgarbage("step")  -- a young collection: the next comes after 20 % of the heap
+        local total = collectgarbage("count") * 1024
+        local filler = ("f"):rep(math.max(0, math.floor(total * 0.2) - K))
+        setmetatable({}, {__gc = function() fired = true conn:close() end})
+        return #filler
+      end
+      arm()
+      local msg, message, kind = conn:receive(5)
+      if fired and msg then
+        fired_once = true
+        assert.equal("small", msg.body)  -- whole: read before the close took effect
+        local n = 0
+        for _ in pairs(msg.headers) do n = n + 1 end
+        assert.equal(1000, n)
+        fails("closed", conn:receive(0))
+        break
+      end
+      assert.is_nil(kind and kind ~= "closed" and kind, message)
+    end
+    assert.is_true(fired_once, "no finalizer ran inside receive in 5 tries")
+  end)
+
+  it("receive returns a message that a handler it served read on the same connection", function()
+    local T = H.scope(finally)
+    local conn = connect(T)
+    local q, sq = ok(conn:declare_queue("", {exclusive = true})), H.queue("nested")
+    ok(conn:consume(q, {ack = false}))
+    T:server(sq, function()
+      H.sleep(1.1)                              -- quiet: the publish below reads ahead first
+      ok(conn:publish("", q, "second"))         -- its read-ahead takes "first" into the inbox
+      return "ok"
+    end)
+    ok(conn:publish("", sq, "go", {reply_to = "amq.gen-nobody"}))
+    ok(conn:publish("", q, "first"))
+    local elapsed, msg = H.timed(conn.receive, conn, 5)
+    assert.is_table(msg)
+    assert.equal("first", msg.body)
+    assert.is_true(elapsed < 3, ("receive waited %.1f s past its message"):format(elapsed))
+  end)
+
+  it("receive ends with 'interrupted' when SIGTERM reaches a server:run() whose handler waits in it", function()
+    local T = H.scope(finally)
+    local q = H.queue("sigwait")
+    local child = T:spawn {queue = q, code = [[
+local conn = assert(rpc.connect({url = URL}))
+local mine = assert(conn:declare_queue("", {exclusive = true}))
+assert(conn:consume(mine, {ack = false}))
+local server = assert(rpc.server(QUEUE, function()
+  touch("waiting")
+  print("receive:", select(3, conn:receive()))   -- no timeout: only a signal ends it
+  return "ok"
+end, {url = URL}))
+assert(conn:publish("", QUEUE, "go"))
+ready()
+print("run:", server:run())
+]]}
+    child:wait_ready()
+    child:wait_file("waiting", 10)
+    child:kill("TERM")
+    local status = child:wait(5)
+    assert.is_not_nil(status, "still running after SIGTERM; output:\n" .. child:output())
+    assert.matches("receive:%s+interrupted", child:output())
+    assert.matches("run:%s+true", child:output())
+  end)
+
+  it("a server with a broker-named queue makes it exclusive: nobody else can use it", function()
+    local T = H.scope(finally)
+    local server = T:server("", handler)
+    local name = tostring(server):match("queue '(amq%.gen%-[^']+)'")
+    assert.is_string(name, tostring(server))
+    local other = connect(T)
+    fails("broker", other:declare_queue(name, {passive = true}))  -- 405 RESOURCE_LOCKED
+  end)
+end)

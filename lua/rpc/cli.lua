@@ -153,6 +153,13 @@ local function printable(s, max)
   return s
 end
 
+--- A message as one printable line, with any url's password masked: a remote error's text is
+-- the server's, and argparse repeats what was typed (a url given in the wrong place).
+local function shown(message)
+  local s = tostring(message):gsub("(%a[%w+.-]*://[^:/@%s]*:)[^@%s]*@", "%1****@")
+  return printable(s, 2000)
+end
+
 --- The exit status for kind.
 local function status_of(kind)
   return EXIT[kind] or EXIT.other
@@ -261,7 +268,7 @@ local function run_call(args, sys)
     for _, k in ipairs(kinds) do
       local f = failures[k]
       sys.stderr:write(("rabbitrpc: %d call%s failed, the first: %s (%s)\n")
-        :format(f.count, f.count == 1 and "" or "s", f.message, k))
+        :format(f.count, f.count == 1 and "" or "s", shown(f.message), k))
     end
     return kinds[1] and status_of(kinds[1]) or EXIT.ok
   end
@@ -379,7 +386,7 @@ function M.main(argv, sys)
     for _, command in ipairs(parser._commands) do
       if command._name == list[1] then usage = command:get_usage() end
     end
-    sys.stderr:write(usage, "\n", ("rabbitrpc: %s (usage)\n"):format(args))
+    sys.stderr:write(usage, "\n", ("rabbitrpc: %s (usage)\n"):format(shown(args)))
     return EXIT.usage
   end
 
@@ -397,7 +404,7 @@ function M.main(argv, sys)
     status = nil
   end
   if status then return status end
-  sys.stderr:write(("rabbitrpc: %s (%s)\n"):format(message, kind))
+  sys.stderr:write(("rabbitrpc: %s (%s)\n"):format(kind == "other" and message or shown(message), kind))
   return status_of(kind)
 end
 
