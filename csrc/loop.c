@@ -170,6 +170,7 @@ void loop_catch_signals(int on) {
   } else {
     sigaction(SIGINT, &saved_int, NULL);
     sigaction(SIGTERM, &saved_term, NULL);
+    signalled = 0;  /* the runs it ended have returned: later waits must not see it */
   }
 }
 

@@ -521,7 +521,7 @@ static int connection_consume(lua_State *L) {
   lua_Integer prefetch = opts_integer(L, 3, "prefetch", -1, 0, 65535);
   size_t tag_len;
   const char *tag = opts_string(L, 3, "tag", "", &tag_len);
-  luaL_argcheck(L, tag_len <= 255, 3, "option 'tag' longer than 255 bytes");
+  luaL_argcheck(L, tag_len <= 255 && strlen(tag) == tag_len, 3, "option 'tag' must be at most 255 bytes, no NUL");
   int n = ready(L, m);
   if (n) return n;
   if (prefetch >= 0) {

@@ -340,22 +340,25 @@ static void check_binding(lua_State *L, int b, int opts) {
   lua_pushnil(L);
   while (lua_next(L, b)) {
     lua_pop(L, 1);
+    if (lua_type(L, -1) != LUA_TSTRING)
+      luaL_argerror(L, opts, lua_pushfstring(L, "option keys of 'bind' must be strings, got %s",
+                                             luaL_typename(L, -1)));
     int known = 0;
-    for (int i = 0; bind_options[i] && lua_type(L, -1) == LUA_TSTRING && !known; i++)
-      known = strcmp(lua_tostring(L, -1), bind_options[i]) == 0;
-    if (!known) luaL_argerror(L, opts, lua_pushfstring(L, "unknown option 'bind.%s'", luaL_tolstring(L, -1, NULL)));
+    for (int i = 0; bind_options[i] && !known; i++) known = strcmp(lua_tostring(L, -1), bind_options[i]) == 0;
+    if (!known) luaL_argerror(L, opts, lua_pushfstring(L, "unknown option 'bind.%s'", lua_tostring(L, -1)));
   }
   size_t len;
-  if (opts_get(L, b, "exchange") != LUA_TSTRING || (lua_tolstring(L, -1, &len), len == 0 || len > 255))
-    luaL_argerror(L, opts, "option 'bind.exchange' must be an exchange name (1 to 255 bytes)");
+  if (opts_get(L, b, "exchange") != LUA_TSTRING || (lua_tolstring(L, -1, &len), len == 0 || len > 255) ||
+      strlen(lua_tostring(L, -1)) != len)
+    luaL_argerror(L, opts, "option 'bind.exchange' must be an exchange name (1 to 255 bytes, no NUL)");
   int t = opts_get(L, b, "routing_key");
-  if (t != LUA_TNIL && (t != LUA_TSTRING || lua_rawlen(L, -1) > 255))
-    luaL_argerror(L, opts, "option 'bind.routing_key' must be a string of at most 255 bytes");
+  if (t != LUA_TNIL && (t != LUA_TSTRING || lua_rawlen(L, -1) > 255 || strlen(lua_tostring(L, -1)) != lua_rawlen(L, -1)))
+    luaL_argerror(L, opts, "option 'bind.routing_key' must be a string of at most 255 bytes, no NUL");
   t = opts_get(L, b, "type");
   if (t != LUA_TNIL) {
     int known = 0;
     for (int i = 0; exchange_types[i] && t == LUA_TSTRING && !known; i++)
-      known = strcmp(lua_tostring(L, -1), exchange_types[i]) == 0;
+      known = strcmp(lua_tostring(L, -1), exchange_types[i]) == 0 && lua_rawlen(L, -1) == strlen(exchange_types[i]);
     if (!known) luaL_argerror(L, opts, "option 'bind.type' must be direct, fanout, topic or headers");
   }
   t = opts_get(L, b, "durable");

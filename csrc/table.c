@@ -47,6 +47,8 @@ static size_t check_entry(lua_State *L, int argn) {
   if (t != LUA_TSTRING && t != LUA_TNUMBER && t != LUA_TBOOLEAN)
     luaL_argerror(L, argn, lua_pushfstring(L, "entry '%s' must be a string, number or boolean, got %s",
                                            lua_tostring(L, -2), luaL_typename(L, -1)));
+  if (t == LUA_TNUMBER && !lua_isinteger(L, -1) && !isfinite(lua_tonumber(L, -1)))  /* RabbitMQ: 541 */
+    luaL_argerror(L, argn, lua_pushfstring(L, "entry '%s' must be a finite number", lua_tostring(L, -2)));
   size_t value = t == LUA_TSTRING ? 4 + lua_rawlen(L, -1) : t == LUA_TNUMBER ? 8 : 1;
   return 1 + lua_rawlen(L, -2) + 1 + value;  /* key length, key, kind, value */
 }

@@ -1,6 +1,7 @@
 -- The whole public API under a storm of values: every Lua type and edge value at every argument
--- position, every option key (client, server, callopts, opts.tls), self of the wrong type, and
--- handlers, log functions and finalizers that misbehave. Every outcome must be an allowed one,
+-- position, every option key (client, server, callopts, opts.tls, opts.bind, rpc.connect and the
+-- connection's methods, publish properties), self of the wrong type, and handlers, log functions
+-- and finalizers that misbehave. Every outcome must be an allowed one,
 -- as the README says: a success (of the documented shape), a raised "bad argument ...", or
 -- nil, message, kind with a documented kind. Nothing else: no other error, no crash, no hang,
 -- and afterwards a normal call still works in the same process, which then exits 0.
@@ -26,6 +27,11 @@ local function storm(code)
                                  {SPEC_AMQP_TOOL = H.AMQP_TOOL})
   local ops = {}
   for name in out:gmatch("\ndelete: ([^\n]*)") do ops[#ops + 1] = {op = "delete", queue = name} end
+  local seen = {}
+  for name in out:gmatch("\ndelete exchange: ([^\n]*)") do
+    if not seen[name] then ops[#ops + 1] = {op = "delete_exchange", exchange = name} end
+    seen[name] = true
+  end
   if #ops > 0 then pcall(H.amqp, ops) end
   local violations, trace, errors = {}, {}, {}
   for line in out:gmatch("[^\n]+") do
@@ -656,6 +662,631 @@ F.run(function()
     end
     s.server:close()
   end
+end)
+]==]
+  end)
+end)
+
+describe("rpc.connect and its connection under a storm of values", function()
+  teardown(H.cleanup)
+
+  it("rpc.connect: any value as opts, or at any option or opts.tls key, has an allowed outcome", function()
+    storm [==[
+F.run(function()
+  local function new_connection(label, _, c)
+    if not F.is(c, "rpc.connection") then return false, "an rpc.connection expected" end
+    F.check(label .. " then a round trip", function(_, m) return F.carries(m, "ping") end, F.round_trip, c, "ping")
+    c:close()
+    return true
+  end
+  local function opts() return {url = F.URL, connect_timeout = 2} end
+  local function args() return table.pack(opts()) end
+  F.vary("rpc.connect", rpc.connect, args, new_connection,
+         {{{"valid opts with raising metamethods", F.evil(opts())}}})
+  F.vary_options("rpc.connect", rpc.connect, args, 1,
+    {"url", "heartbeat", "connect_timeout", "max_body", "colour", 1}, new_connection, {
+      url = {{"the broker", F.URL}, {"a closed port", "amqp://guest:guest@127.0.0.1:1/"},
+             {"no password", "amqp://guest@localhost:1/"}},
+      heartbeat = {{"3600", 3600}, {"3601", 3601}},
+      connect_timeout = {{"1e-9", 1e-9}, {"0.001", 0.001}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}},
+      max_body = {{"3", 3}, {"4", 4}, {"512 MiB", 1 << 29}, {"512 MiB + 1", (1 << 29) + 1}},
+    })
+  local function args_without_url() return table.pack({connect_timeout = 2}) end
+  F.vary_options("rpc.connect", rpc.connect, args_without_url, 1, {"urls"}, new_connection, {
+    urls = {{"{the broker}", {F.URL}}, {"{closed port, the broker}", {"amqp://guest:guest@127.0.0.1:1/", F.URL}},
+            {"{the broker, 42}", {F.URL, 42}}, {"64 brokers", F.urls(64)}, {"65 brokers", F.urls(65)},
+            {"list with raising metamethods", F.evil {F.URL}}},
+  })
+  local function tls_args() return table.pack({url = F.AMQPS, connect_timeout = 2, tls = {}}) end
+  F.vary_options("rpc.connect", rpc.connect, tls_args, 1, {"tls"}, new_connection, {
+    tls = {{"{verify = false}", {verify = false}}, {"tls with raising metamethods", F.evil()}},
+  })
+  local function plain_args() return table.pack({url = F.URL, tls = {}}) end
+  F.vary_options("rpc.connect", rpc.connect, plain_args, 1, {"tls"}, new_connection)
+  local function tls_of(args) return args[1].tls end
+  F.vary_options("rpc.connect tls", rpc.connect, tls_args, tls_of,
+    {"ca", "cert", "key", "verify", "verify_hostname", "colour"}, new_connection, {
+      ca = {{"system bundle", "/etc/ssl/certs/ca-certificates.crt"}, {"a directory", "/etc"}},
+    })
+end)
+]==]
+  end)
+
+  it("conn:declare_*, bind, unbind, purge, delete_*: any self, argument or option has an allowed outcome", function()
+    storm [==[
+F.run(function()
+  local conn = F.open_connection()
+  local selves = {{"the client", F.client}, {"a server", F.echo}, {"a number", 42},
+                  {"a table with rpc.connection's metatable", setmetatable({}, F.connection_meta)}}
+  local names = {{"255-byte name", ("n"):rep(255)}, {"256-byte name", ("n"):rep(256)}}
+  --- every value in a table, as the value of key and as a key
+  local function entries(key)
+    local list = {}
+    for _, v in ipairs(F.values()) do
+      if not rawequal(v[2], F.NONE) then
+        list[#list + 1] = {("{[%q] = %s}"):format(key, v[1]), {[key] = v[2]}}
+        if v[2] == v[2] and v[2] ~= nil then list[#list + 1] = {"{[" .. v[1] .. "] = 1}", {[v[2]] = 1}} end
+      end
+    end
+    list[#list + 1] = {"table with raising metamethods", F.evil {[key] = 1}}
+    return list
+  end
+  local function short(v) return type(v) == "string" and #v <= 255 end
+
+  -- declare_exchange: what it declares under a name of the storm's values is deleted after it
+  local function declared_exchange(l, a, ...)
+    if short(a[2]) then F.leftover_exchange(a[2]) end
+    return F.is_true(l, ...)
+  end
+  local function exchange_args()
+    return table.pack(F.open_connection(), F.exchange("de"), "direct", {auto_delete = true})
+  end
+  F.vary("conn:declare_exchange", F.connection_methods.declare_exchange, exchange_args, declared_exchange, {
+    selves, names,
+    {{'"fanout"', "fanout"}, {'"topic"', "topic"}, {'"headers"', "headers"}, {'"x-custom"', "x-custom"},
+     {'"Direct"', "Direct"}},
+  })
+  F.vary_options("conn:declare_exchange", F.connection_methods.declare_exchange, exchange_args, 4,
+    {"durable", "auto_delete", "internal", "passive", "arguments", "colour", 1}, declared_exchange,
+    {arguments = entries("alternate-exchange")})
+
+  -- declare_queue: name, messages, consumers; what is not exclusive is deleted after it
+  local function declared_queue(_, a, name, messages, count, ...)
+    if type(name) ~= "string" or math.type(messages) ~= "integer" or math.type(count) ~= "integer"
+       or messages < 0 or count < 0 or select("#", ...) > 0 then
+      return false, "name, messages, consumers expected"
+    end
+    if type(a[3]) ~= "table" or rawget(a[3], "exclusive") ~= true then F.leftover(name) end
+    return true
+  end
+  local function queue_args() return table.pack(F.open_connection(), F.queue("dq", true), {exclusive = true}) end
+  F.vary("conn:declare_queue", F.connection_methods.declare_queue, queue_args, declared_queue, {selves, names})
+  F.vary_options("conn:declare_queue", F.connection_methods.declare_queue, queue_args, 3,
+    {"durable", "exclusive", "auto_delete", "passive", "arguments", "colour", 1}, declared_queue,
+    {arguments = entries("x-max-length")})
+
+  -- bind and unbind: an exclusive queue of the connection and amq.direct
+  local bq = F.queue("bq")
+  local function bind_args()
+    local c = F.open_connection()
+    F.ensure_queue(c, bq)
+    return table.pack(c, bq, "amq.direct", "fuzz-key", nil)
+  end
+  local function ignore_args(valid) return function(l, _, ...) return valid(l, ...) end end
+  for _, method in ipairs {"bind", "unbind"} do
+    F.vary("conn:" .. method, F.connection_methods[method], bind_args, ignore_args(F.is_true), {
+      selves, names, names, names, entries("x-match"),
+    })
+  end
+
+  -- purge, delete_queue (a fresh exclusive queue each time) and delete_exchange (a fresh one)
+  local pq = F.queue("pq")
+  local function purge_args()
+    local c = F.open_connection()
+    F.ensure_queue(c, pq)
+    return table.pack(c, pq)
+  end
+  F.vary("conn:purge", F.connection_methods.purge, purge_args, ignore_args(F.count), {selves, names})
+  local function delete_queue_args()
+    local c = F.open_connection()
+    local name = F.queue("delq")
+    F.ensure_queue(c, name)
+    return table.pack(c, name, {})
+  end
+  F.vary("conn:delete_queue", F.connection_methods.delete_queue, delete_queue_args, ignore_args(F.count),
+         {selves, names})
+  F.vary_options("conn:delete_queue", F.connection_methods.delete_queue, delete_queue_args, 3,
+                 {"if_unused", "if_empty", "colour", 1}, ignore_args(F.count))
+  local function delete_exchange_args()
+    local c = F.open_connection()
+    local name = F.exchange("delx")
+    for _ = 1, 3 do if c:declare_exchange(name, "fanout") then break end end
+    return table.pack(c, name, {})
+  end
+  F.vary("conn:delete_exchange", F.connection_methods.delete_exchange, delete_exchange_args,
+         ignore_args(F.is_true), {selves, names})
+  F.vary_options("conn:delete_exchange", F.connection_methods.delete_exchange, delete_exchange_args, 3,
+                 {"if_unused", "colour", 1}, ignore_args(F.is_true))
+end)
+]==]
+  end)
+
+  it("conn:publish, consume, cancel, receive: any value has an allowed outcome; a message arrives as published", function()
+    storm [==[
+F.run(function()
+  local selves = {{"the client", F.client}, {"a server", F.echo}, {"a number", 42},
+                  {"a table with rpc.connection's metatable", setmetatable({}, F.connection_meta)}}
+  local names = {{"255-byte name", ("n"):rep(255)}, {"256-byte name", ("n"):rep(256)}}
+  local function ignore_args(valid) return function(l, _, ...) return valid(l, ...) end end
+  local sink = F.queue("sink")   -- consumed with ack = false by the connection that publishes to it
+
+  -- publish: a message to the sink must arrive with its body and properties; one the broker
+  -- refuses (a user_id not the connection's, a malformed expiration) fails the receive after it
+  local sink_tag
+  local function publish_args()
+    local c = F.open_connection()
+    sink_tag = F.ensure_queue(c, sink, {ack = false, prefetch = 0})
+    return table.pack(c, "", sink, "body", {}, false)
+  end
+  local function published(l, a, ...)
+    local ok, why = F.is_true(l, ...)
+    if not ok then return false, why end
+    if a[2] ~= "" or a[3] ~= sink then return true end
+    local outcome, m = F.check(l .. " then :receive it", F.any, F.next_delivery, a[1], sink_tag, 2)
+    if outcome == "ok" then return F.carries(m, a[4], a[5]) end
+    if outcome == "timeout" then return false, "the message did not arrive within 2 s" end
+    return true
+  end
+  F.vary("conn:publish", F.connection_methods.publish, publish_args, published, {
+    selves, {{'"amq.direct"', "amq.direct"}, names[1], names[2]}, names,
+    {{"2 MiB body", F.MiB .. F.MiB}, {"every byte", (function()
+      local t = {}
+      for i = 0, 255 do t[#t + 1] = string.char(i) end
+      return table.concat(t)
+    end)()}},
+    {{"valid properties with raising metamethods", F.evil {content_type = "x"}}},
+  })
+  local headers = {}   -- each value as a header value, and as a header key
+  for _, v in ipairs(F.values()) do
+    if not rawequal(v[2], F.NONE) then
+      headers[#headers + 1] = {"{k = " .. v[1] .. "}", {k = v[2]}}
+      if v[2] == v[2] and v[2] ~= nil then headers[#headers + 1] = {"{[" .. v[1] .. "] = 'x'}", {[v[2]] = "x"}} end
+    end
+  end
+  headers[#headers + 1] = {"255-byte key", {[("k"):rep(255)] = 1}}
+  headers[#headers + 1] = {"256-byte key", {[("k"):rep(256)] = 1}}
+  headers[#headers + 1] = {"100 KiB of headers", {big = ("h"):rep(100 * 1024)}}
+  headers[#headers + 1] = {"headers with raising metamethods", F.evil {k = "v"}}
+  local short = {{"255 bytes", ("p"):rep(255)}, {"256 bytes", ("p"):rep(256)}, {'"p\\0q"', "p\0q"}}
+  F.vary_options("conn:publish", F.connection_methods.publish, publish_args, 5,
+    {"content_type", "content_encoding", "headers", "persistent", "priority", "correlation_id", "reply_to",
+     "expiration", "message_id", "timestamp", "type", "user_id", "app_id", "colour", 1}, published, {
+      content_type = short, content_encoding = short, correlation_id = short, reply_to = short,
+      message_id = short, type = short, app_id = short,
+      headers = headers,
+      priority = {{"255", 255}, {"256", 256}},
+      expiration = {{'"60000"', "60000"}, {'"0"', "0"}, {'"-1"', "-1"}, {'"x"', "x"}, short[1]},
+      timestamp = {{"1700000000", 1700000000}},
+      user_id = {{'"guest"', "guest"}, short[1], short[2]},
+    })
+
+  -- consume: a consumer of an exclusive queue, cancelled by the tag it returned
+  local cq = F.queue("cq")
+  local function consume_args()
+    local c = F.open_connection()
+    F.ensure_queue(c, cq)
+    return table.pack(c, cq, {ack = false})
+  end
+  local function consumed(l, a, tag, ...)
+    if type(tag) ~= "string" or select("#", ...) > 0 then return false, "one consumer tag expected" end
+    F.must(l .. " then :cancel(the tag it returned)", F.is_true, a[1].cancel, a[1], tag)
+    return true
+  end
+  F.vary("conn:consume", F.connection_methods.consume, consume_args, consumed, {selves, names})
+  F.vary_options("conn:consume", F.connection_methods.consume, consume_args, 3,
+    {"ack", "prefetch", "exclusive", "tag", "colour", 1}, consumed, {
+      prefetch = {{"65535", 65535}, {"65536", 65536}},
+      tag = {names[1], names[2], {"a tag in use", F.ensure_queue(F.open_connection(), F.queue("busy"), {ack = false})}},
+    })
+
+  -- cancel: a consumer made for it
+  local function cancel_args()
+    local c = F.open_connection()
+    F.ensure_queue(c, cq)
+    return table.pack(c, (assert(c:consume(cq, {ack = false}))))
+  end
+  F.vary("conn:cancel", F.connection_methods.cancel, cancel_args, ignore_args(F.is_true), {selves, names})
+
+  -- receive: a message is published to the sink before each, so that no valid timeout waits long
+  local function receive_args()
+    local c = F.open_connection()
+    F.ensure_queue(c, sink, {ack = false, prefetch = 0})
+    assert(c:publish("", sink, "r"))
+    return table.pack(c, 2)
+  end
+  local function received(_, _, m, ...)
+    if type(m) ~= "table" or type(m.body) ~= "string" or select("#", ...) > 0 then
+      return false, "one message expected"
+    end
+    if m.body ~= "r" then return false, "not a message published to the sink: " .. F.show(m.body) end
+    return true
+  end
+  F.vary("conn:receive", F.connection_methods.receive, receive_args, received, {
+    selves, {{"1e-9", 1e-9}, {"0.001", 0.001}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}, {"5e-324", 5e-324}},
+  })
+end)
+]==]
+  end)
+
+  it("conn:ack, nack, reject, close and metamethods: any value is allowed; a closed connection says 'closed'", function()
+    storm [==[
+F.run(function()
+  local selves = {{"the client", F.client}, {"a server", F.echo}, {"a number", 42},
+                  {"a table with rpc.connection's metatable", setmetatable({}, F.connection_meta)}}
+  local function ignore_args(valid) return function(l, _, ...) return valid(l, ...) end end
+  -- a delivery of a consumer with manual acks, received for each call
+  local mq = F.queue("manual")
+  local function delivery(c)
+    for _ = 1, 4 do
+      local tag = F.ensure_queue(c, mq, {ack = true, prefetch = 0})
+      if c:publish("", mq, "to ack") then
+        local m = F.next_delivery(c, tag, 2)
+        if m then return m.delivery_tag end
+      end
+    end
+    error("the storm cannot get a delivery to acknowledge", 0)
+  end
+  local tags = {{"an unknown tag", 1 << 40}, {"2^63 - 1", math.maxinteger}}
+  local function ack_args()
+    local c = F.open_connection()
+    return table.pack(c, delivery(c), false)
+  end
+  F.vary("conn:ack", F.connection_methods.ack, ack_args, ignore_args(F.is_true), {selves, tags})
+  local function nack_args()
+    local c = F.open_connection()
+    return table.pack(c, delivery(c), false, false)
+  end
+  F.vary("conn:nack", F.connection_methods.nack, nack_args, ignore_args(F.is_true), {selves, tags})
+  local function reject_args()
+    local c = F.open_connection()
+    return table.pack(c, delivery(c), false)
+  end
+  F.vary("conn:reject", F.connection_methods.reject, reject_args, ignore_args(F.is_true), {selves, tags})
+
+  local function args() return table.pack(F.open_connection(), nil) end
+  F.vary("conn.__tostring", F.connection_meta.__tostring, args, ignore_args(F.tostring_result), {selves})
+  F.vary("conn:close", F.connection_methods.close, args, ignore_args(F.nothing), {selves})
+  F.vary("conn.__close", F.connection_meta.__close, args, ignore_args(F.nothing), {selves})
+  F.vary("conn.__gc", F.connection_meta.__gc, args, ignore_args(F.nothing), {selves})
+
+  -- valid arguments on a closed connection: nil, message, 'closed' from every method
+  local closed = assert(rpc.connect {url = F.URL})
+  local tag = delivery(closed)
+  closed:close()
+  local calls = {
+    declare_exchange = {F.exchange("closed"), "direct"}, declare_queue = {}, bind = {mq, "amq.direct"},
+    unbind = {mq, "amq.direct"}, publish = {"", mq, "x"}, consume = {mq}, cancel = {"a tag"},
+    receive = {0}, ack = {tag}, nack = {tag}, reject = {tag}, purge = {mq}, delete_queue = {mq},
+    delete_exchange = {"amq.direct"},
+  }
+  for name, method in pairs(F.connection_methods) do
+    if name ~= "close" then
+      local label = ("conn:%s on a closed connection"):format(name)
+      local outcome = F.check(label, function() return false, "nil, message, 'closed' expected" end, method, closed,
+                              table.unpack((assert(calls[name], "no arguments for " .. name))))
+      if outcome ~= "closed" and outcome ~= "violation" then F.violation(label, "got " .. outcome .. ", not closed") end
+    end
+  end
+  F.check("conn:close on a closed connection", F.nothing, closed.close, closed)
+  F.check("conn.__tostring on a closed connection", function(_, s)
+    if s ~= "rpc.connection (closed)" then return false, "'rpc.connection (closed)' expected" end
+    return true
+  end, F.connection_meta.__tostring, closed)
+end)
+]==]
+  end)
+
+  it("a finalizer calling the connection while receive holds a message: 'connection in use' or it works, nothing torn", function()
+    storm [==[
+-- Garbage whose finalizer runs at every GC cycle, with a whole cycle at every allocation check
+-- while armed. Each run probes whether the connection is reading a message (conn:ack(0) raises
+-- "connection in use" then, and "delivery tag must be ..." otherwise: no side effect either
+-- way); at the j-th such point it calls the method under test, so j walks the call through
+-- every allocation of the message the receive builds (long strings, properties and headers: an
+-- allocation each). Methods that close the connection come last: a crash hides what follows.
+local system = require "system"
+local function filled(s)   -- over 40 bytes: never interned, each copy allocates
+  for i = 1, 20 do s = s .. ("." .. ("%x"):format(i)) end
+  return s
+end
+F.run(function()
+  local order = {"receive", "__tostring", "publish", "ack", "nack", "reject", "declare_queue", "declare_exchange",
+                 "bind", "unbind", "consume", "cancel", "purge", "delete_queue", "delete_exchange", "close",
+                 "__close", "__gc"}
+  local body = filled("first")
+  local properties = {content_type = filled("text/"), content_encoding = filled("e"), correlation_id = filled("c"),
+                      reply_to = filled("r"), expiration = "600000", message_id = filled("m"), type = filled("t"),
+                      app_id = filled("a"), priority = 3, timestamp = 1700000000, persistent = true,
+                      headers = {a = filled("b"), [filled("k")] = 1, f = 0.5, t = true}}
+  local conn, point, at, call   -- while armed: the connection probed, reading points seen, the one to call at
+  local mt = {}
+  mt.__gc = function()
+    if conn then
+      local _, e = pcall(conn.ack, conn, 0)
+      if type(e) == "string" and e:find("connection in use", 1, true) then
+        point = point + 1
+        if point == at then call() end
+      end
+    end
+    setmetatable({}, mt)   -- always one more: a finalizer at every GC cycle
+  end
+  setmetatable({}, mt)
+
+  local function hot()   -- pause ~0, a whole cycle per step; started by the next "restart"
+    collectgarbage("incremental", 1, 1000, 30)
+    collectgarbage("stop")
+  end
+  local function cold() collectgarbage("incremental", 200, 100, 13) end
+
+  --- A connection (the last one, unless closed) with a delivery of q in hand and what method
+  -- name needs (a queue, a consumer, an exchange); returns it, the consumer tag of q and the
+  -- arguments of the call.
+  local current
+  local function prepare(q, name)
+    if not current or tostring(current):find("closed", 1, true) then current = assert(rpc.connect {url = F.URL}) end
+    local c = current
+    local tag = F.ensure_queue(c, q, {ack = true, prefetch = 0})
+    assert(c:publish("", q, "pre"))
+    local pre = assert(F.next_delivery(c, tag, 2))
+    local other = F.queue("fin-other")
+    if name == "bind" or name == "unbind" or name == "consume" or name == "cancel" or name == "purge"
+       or name == "delete_queue" then
+      F.ensure_queue(c, other)
+    end
+    local args = {
+      receive = {0}, __tostring = {}, publish = {"", q, "second"}, ack = {pre.delivery_tag},
+      nack = {pre.delivery_tag, false, false}, reject = {pre.delivery_tag, false},
+      declare_queue = {"", {exclusive = true}}, declare_exchange = {F.exchange("fin"), "fanout"},
+      bind = {other, "amq.direct", "fin-key"}, unbind = {other, "amq.direct", "fin-key"},
+      consume = {other, {ack = false}}, purge = {other}, delete_queue = {other}, close = {}, __close = {}, __gc = {},
+    }
+    if name == "cancel" then args.cancel = {(assert(c:consume(other, {ack = false})))} end
+    if name == "delete_exchange" then
+      args.delete_exchange = {F.exchange("fin")}
+      assert(c:declare_exchange(args.delete_exchange[1], "fanout"))
+    end
+    return c, tag, args[name]
+  end
+
+  local function is_first(tag)
+    return function(_, msg)
+      if type(msg) ~= "table" or msg.consumer_tag ~= tag or msg.returned ~= nil
+         or math.type(msg.delivery_tag) ~= "integer" then
+        return false, "not the delivery it waited for"
+      end
+      return F.carries(msg, body, properties)
+    end
+  end
+
+  --- After the storm's call: unless closed, the connection still makes a round trip.
+  local function still_works(label, c)
+    if not tostring(c):find("closed", 1, true) then
+      F.must(label .. ", then a round trip on the connection", function(_, msg) return F.carries(msg, "after") end,
+             F.round_trip, c, "after")
+    end
+  end
+
+  local function finalizer_call(label, c, method, args)
+    return function()
+      local outcome, message = F.check(label .. ": the finalizer's call", F.any, method, c, table.unpack(args))
+      if outcome == "bad" and not message:find("connection in use", 1, true) then
+        F.violation(label, "the finalizer's call raised " .. F.show(message))
+      end
+    end
+  end
+
+  for _, name in ipairs(order) do
+    local method = F.connection_methods[name] or F.connection_meta[name]
+    local q = F.queue("fin")
+    for j = 1, 100 do
+      local c, tag, args = prepare(q, name)
+      local label = ("conn:receive with a finalizer calling conn:%s at its reading point %d"):format(name, j)
+      call = finalizer_call(label, c, method, args)
+      assert(c:publish("", q, body, properties))
+      hot()
+      conn, point, at = c, 0, j
+      collectgarbage("restart")
+      local outcome, m = F.check(label, is_first(tag), c.receive, c, 2)
+      conn = nil
+      cold()
+      if outcome == "ok" and not tostring(c):find("closed", 1, true) then
+        F.check(label .. ", then :ack(its tag)", F.any, c.ack, c, m.delivery_tag)
+      end
+      still_works(label, c)
+      if point < j then break end   -- no j-th point: the next method
+    end
+  end
+
+  -- Messages read ahead: a connection quiet for over a second reads what arrived before its
+  -- next operation (into the inbox), building the messages there. Two connections are made quiet
+  -- at once, one for each method.
+  local quiet = {}
+  for _, name in ipairs {"receive", "close"} do
+    current = nil   -- a connection of its own
+    local q = F.queue("fin-quiet")
+    local qc, tag, args = prepare(q, name)
+    quiet[#quiet + 1] = {name = name, c = qc, tag = tag, args = args}
+    assert(qc:publish("", q, body, properties))
+    assert(qc:publish("", q, body, properties))
+  end
+  system.sleep(1.2)
+  for _, case in ipairs(quiet) do
+    local qc = case.c
+    local label = ("conn:declare_queue reading messages ahead, with a finalizer calling conn:%s"):format(case.name)
+    call = finalizer_call(label, qc, F.connection_methods[case.name] or F.connection_meta[case.name], case.args)
+    hot()
+    conn, point, at = qc, 0, 1
+    collectgarbage("restart")
+    F.check(label, F.any, qc.declare_queue, qc, "", {exclusive = true})
+    conn = nil
+    cold()
+    if point < 1 then F.violation(label, "no message was read ahead: the spec is wrong") end
+    if not tostring(qc):find("closed", 1, true) then
+      for i = 1, 2 do F.check(label .. ", then :receive message " .. i, is_first(case.tag), qc.receive, qc, 2) end
+    end
+    still_works(label, qc)
+  end
+end)
+]==]
+  end)
+
+  it("server and serve opts.bind, client opts.exchange: any value is allowed; a call through a binding reaches its server", function()
+    storm [==[
+F.run(function()
+  local function echo(body) return body end
+  local conn = F.open_connection()
+  local x = F.exchange("bind")   -- a direct exchange that exists
+  assert(conn:declare_exchange(x, "direct"))
+  local function short(v) return type(v) == "string" and #v <= 255 end
+  --- the bindings in opts.bind, read raw: one table, or a list
+  local function bindings_of(opts)
+    local b = type(opts) == "table" and rawget(opts, "bind")
+    if type(b) ~= "table" then return {} end
+    if rawlen(b) == 0 then return {b} end
+    local list = {}
+    for i = 1, rawlen(b) do list[i] = rawget(b, i) end
+    return list
+  end
+  --- A server made with bindings: each gets the echo of a call published through it (to its
+  -- exchange, with its routing key, or the queue's name).
+  local function declared(args)
+    F.declared(args)
+    for _, b in ipairs(bindings_of(args[3])) do
+      if type(b) == "table" and short(rawget(b, "exchange")) and rawget(b, "type") ~= nil then
+        F.leftover_exchange(rawget(b, "exchange"))
+      end
+    end
+  end
+  local function bound(label, args, s)
+    declared(args)
+    if not F.is(s, "rpc.server") then return false, "an rpc.server expected" end
+    local queue = F.queue_of(s)
+    for i, b in ipairs(bindings_of(args[3])) do
+      local key = rawget(b, "routing_key")
+      if key == nil then key = queue end
+      F.must(("%s then a call through its binding %d"):format(label, i), F.reply_is("ping"), F.client.call,
+             F.client, "ping", 2, {exchange = rawget(b, "exchange"), routing_key = key})
+      local cut = type(key) == "string" and key:match("^(%Z*)%z")
+      if cut then   -- a key with a NUL inside is bound whole: the part before the NUL reaches nothing
+        local label2 = ("%s then a call with the part of its binding %d's key before the NUL"):format(label, i)
+        local function reached() return false, "it reached the server: the key was cut at the NUL" end
+        local outcome = F.check(label2, reached, F.client.call, F.client, "ping", 2,
+                                {exchange = rawget(b, "exchange"), routing_key = cut})
+        if outcome ~= "no_route" and outcome ~= "violation" then
+          F.violation(label2, "got " .. outcome .. ", not no_route")
+        end
+      end
+    end
+    s:close()
+    return true
+  end
+  local function served(label, args, ...)   -- rpc.serve(queue, handler, opts) ran, and was stopped
+    declared(args)
+    return F.is_true(label, ...)
+  end
+  local function key() return F.queue("key") end   -- a fresh routing key (not a queue)
+  local function args()
+    return table.pack(F.queue("bind", true), echo,
+                      {url = F.URL, auto_delete = true, bind = {exchange = x, routing_key = key()}})
+  end
+
+  -- opts.bind: every value, bindings, lists, and bindings with a key of every value
+  local hundred = {}
+  for i = 1, 100 do hundred[i] = {exchange = x, routing_key = key() .. i} end
+  local binds = {
+    {"one binding", {exchange = x}}, {"a list of one", {{exchange = x, routing_key = key()}}},
+    {"a list of three", {{exchange = x, routing_key = key()}, {exchange = "amq.direct", routing_key = key()},
+                         {exchange = "amq.topic", routing_key = "fuzz." .. key() .. ".#"}}},
+    {"the same binding twice", (function()
+      local k = key()
+      return {{exchange = x, routing_key = k}, {exchange = x, routing_key = k}}
+    end)()},
+    {"100 bindings", hundred},
+    {"a list with a non-table", {{exchange = x}, 1}}, {"a list with a hole", {{exchange = x}, nil, {exchange = x}}},
+    {"{{}}", {{}}}, {"a binding with a list part", {exchange = x, {exchange = x, routing_key = key()}}},
+    {"a binding with raising metamethods", F.evil {exchange = x}},
+    {"a list with raising metamethods", F.evil {{exchange = x}}},
+    {"a list whose binding has raising metamethods", {F.evil {exchange = x}}},
+    {"a binding declaring a topic exchange", {exchange = F.exchange("topic"), type = "topic", routing_key = "fuzz.*"}},
+    {"a binding declaring a durable fanout exchange",
+     {exchange = F.exchange("fanout"), type = "fanout", durable = true}},
+    {"a binding to a missing exchange", {exchange = F.exchange("missing")}},
+  }
+  for _, v in ipairs(F.values()) do
+    if not rawequal(v[2], F.NONE) and v[2] == v[2] and v[2] ~= nil then
+      binds[#binds + 1] = {"a binding with the key " .. v[1], {exchange = x, [v[2]] = 1}}
+    end
+    if not rawequal(v[2], F.NONE) then binds[#binds + 1] = {"{" .. v[1] .. "}", {v[2]}} end
+  end
+  F.vary_options("rpc.server", rpc.server, args, 3, {"bind"}, bound, {bind = binds})
+
+  -- each key of a binding, alone or the second of a list; type and durable on a new exchange
+  local names = {{"255 bytes", ("e"):rep(255)}, {"256 bytes", ("e"):rep(256)}}
+  local extra = {
+    exchange = {{'"amq.direct"', "amq.direct"}, {'"amq.topic"', "amq.topic"}, {'"amq.fanout"', "amq.fanout"},
+                {'"amq.headers"', "amq.headers"}, {'"amq.match"', "amq.match"},
+                {"a missing exchange", F.exchange("none")},
+                names[1], names[2]},
+    routing_key = {{'"#"', "#"}, {'"*"', "*"}, {"255 bytes", ("k"):rep(255)}, {"256 bytes", ("k"):rep(256)},
+                   {"a key with a NUL inside", "fuzz\0tail"}},
+    type = {{'"direct"', "direct"}, {'"fanout"', "fanout"}, {'"topic"', "topic"}, {'"headers"', "headers"},
+            {'"Direct"', "Direct"}, {'"x-custom"', "x-custom"}},
+  }
+  local keys = {"exchange", "routing_key", "type", "durable", "colour", 1}
+  local function binding(a) return rawget(a[3], "bind") end
+  F.vary_options("rpc.server bind", rpc.server, args, binding, keys, bound, extra)
+  local function new_exchange_args()
+    return table.pack(F.queue("bind", true), echo, {url = F.URL, auto_delete = true,
+      bind = {exchange = F.exchange("new"), type = "direct", routing_key = key()}})
+  end
+  F.vary_options("rpc.server bind", rpc.server, new_exchange_args, binding, {"type", "durable"}, bound, extra)
+  local function list_args()
+    return table.pack(F.queue("bind", true), echo, {url = F.URL, auto_delete = true,
+      bind = {{exchange = x, routing_key = key()},
+              {exchange = F.exchange("list"), type = "topic", routing_key = key()}}})
+  end
+  local function second(a) return rawget(a[3], "bind")[2] end
+  F.vary_options("rpc.server bind[2]", rpc.server, list_args, second, keys, bound, extra)
+
+  -- rpc.serve: every value as opts.bind (a run is stopped by SIGTERM)
+  local serve = F.bounded(rpc.serve)
+  F.vary_options("rpc.serve", serve, args, 3, {"bind"}, served, {bind = {
+    {"one binding", {exchange = x}},
+    {"a list of two", {{exchange = x}, {exchange = "amq.direct", routing_key = key()}}},
+    {"a binding with raising metamethods", F.evil {exchange = x}},
+  }})
+
+  -- a run ended by SIGTERM leaves no trace: a connection's receive still waits for its message
+  F.must("after rpc.serve returned on SIGTERM, a round trip on a connection",
+         function(_, m) return F.carries(m, "after serve") end, F.round_trip, F.open_connection(), "after serve")
+
+  -- rpc.client's exchange: a server bound to amq.direct with its queue's name as the key
+  local target = F.queue("via")
+  local server = assert(rpc.server(target, echo, {url = F.URL, auto_delete = true, bind = {exchange = "amq.direct"}}))
+  local function through(label, a, c)
+    if not F.is(c, "rpc.client") then return false, "an rpc.client expected" end
+    local exchange = type(a[2]) == "table" and rawget(a[2], "exchange")
+    local check = (exchange == nil or exchange == "" or exchange == "amq.direct") and F.must or F.check
+    check(label .. " then :call", F.reply_is("ping"), c.call, c, "ping")
+    c:close()
+    return true
+  end
+  local function client_args() return table.pack(target, {url = F.URL, timeout = 2, exchange = "amq.direct"}) end
+  F.vary_options("rpc.client", rpc.client, client_args, 2, {"exchange"}, through, {exchange = {
+    {'"amq.direct"', "amq.direct"}, {'"amq.topic"', "amq.topic"}, {"a missing exchange", F.exchange("none")},
+    names[1], names[2],
+  }})
+  server:close()
 end)
 ]==]
   end)

@@ -196,6 +196,102 @@ describe("rabbitrpc call", function()
     end
   end)
 
+  it("exits with a documented status and one line on stderr, never a traceback, whatever the argv", function()
+    -- status -> the kinds its line may end with (README "The rabbitrpc command")
+    local kinds = {[1] = {remote = true}, [2] = {usage = true, handler = true}, [3] = {timeout = true},
+                   [4] = {no_route = true}, [5] = {connection = true}, [6] = {auth = true}, [7] = {tls = true},
+                   [8] = {too_large = true}, [130] = {interrupted = true}}
+    local function check(args, want, stdout)
+      local shown = {}
+      for i, a in ipairs(args) do shown[i] = ("%q"):format(a) end
+      local what = "rabbitrpc " .. table.concat(shown, " ")
+      local out, status, err = rabbitrpc(args)
+      local context = ("%s: status %d, stdout %q, stderr %q"):format(what, status, out, err)
+      assert.is_nil(err:find("traceback", 1, true), context)
+      assert.is_nil(err:find("lua5.4:", 1, true), context)
+      assert.is_nil((out .. err):find("canary-secret", 1, true), "the password shows: " .. context)
+      if want then assert.equal(want, status, context) end
+      if stdout then assert.equal(stdout, out, context) end
+      if status == 0 then
+        assert.equal("", err, context)
+        return
+      end
+      -- the usage (for bad arguments) may come first: "Usage: ..." and its indented lines
+      local lines = {}
+      for line in err:gmatch("[^\n]*\n") do
+        if not (line:find("^Usage: ") or (#lines == 0 and line:find("^%s"))) then lines[#lines + 1] = line end
+      end
+      assert.equal(1, #lines, "not one line: " .. context)
+      local kind = lines[1]:match("^rabbitrpc: [^\n]- %(([%w_]+)%)\n$")
+      assert.is_string(kind, context)
+      if status == 9 then
+        assert.is_nil(kinds[1][kind] or kinds[2][kind] or kinds[3][kind], context)
+      else
+        assert.is_true(kinds[status] and kinds[status][kind] or false, "status and kind disagree: " .. context)
+      end
+      assert.is_false(lines[1]:sub(1, -2):find("[%c\128-\255]") ~= nil, "control or non-ASCII bytes: " .. context)
+    end
+
+    local q, long = echo_queue, ("q"):rep(256)
+    local binary = "\1\2\255\254"
+    -- empty strings
+    check({""}, 2)
+    check({"call", "", ""}, 4)
+    check({"call", q, ""}, 0, "\n")
+    check({"call", q, "x", "--timeout", ""}, 2)
+    check({"call", q, "x", "--url", ""}, 2)
+    check({"call", q, "x", "--header", "="}, 2)
+    check({"call", q, "x", "--header", ""}, 2)
+    check({"call", q, "x", "--exchange", ""}, 0, "x\n")
+    check({"call", q, "x", "--content-type", ""}, 0, "x\n")
+    check({"call", q, "x", "--repeat", ""}, 2)
+    check({"serve", q, "--handler", ""}, 2)
+    check({"serve", q, "--echo", "--prefetch", ""}, 2)
+    -- binary (NUL-free) and control bytes, in names, bodies, headers, options
+    check({"call", q, binary}, 0, binary .. "\n")
+    check({"call", q, "x", "--header", "k=" .. binary}, 0, "x\n")
+    check({"call", "a\nb", "x"}, 4)
+    check({"call", binary, "x"}, 4)
+    check({"call", q, "x", "--a\nb"}, 2)
+    check({"call", q, "x", "--exchange", "e\nx"}, 4)
+    check({"call", q, "x", "--url", "amqp://a\nb:canary-secret@localhost:1/"}, 5)
+    check({"call", q, "x", "--url", "amqp://a b:canary-secret@local\nhost:1/"}, 5)
+    check({"call", q, "x", "--url", "amqp://u:canary-secret@localhost:notaport/"}, 2)
+    check({"call", q, "x", "amqp://u:canary-secret@localhost:1/"}, 2)   -- a url where no url goes
+    check({"call", long, "x"}, 2)
+    check({"call", q, "x", "--content-type", ("c"):rep(300)}, 2)
+    check({"call", q, "x", "--header", ("k"):rep(300) .. "=v"}, 2)
+    -- --timeout
+    for _, t in ipairs {"0", "-1", "-0", "nan", "-nan", "inf", "-inf", "1e400", "1e6", "1e6.5", "1000001", "0.0001",
+                        "0x1p-1074", "1e-320", "5s", " 1", "0x10p"} do
+      check({"call", q, "x", "--timeout", t}, t == "1e6" and 0 or (t == " 1" and 0) or 2)
+      check({"call", q, "x", "--timeout=" .. t}, t == "1e6" and 0 or (t == " 1" and 0) or 2)
+    end
+    -- --repeat and --parallel
+    for _, n in ipairs {"0", "-1", "1.5", "1e10", "1000000001", "99999999999999999999", "inf", "nan", "0x", "-0"} do
+      check({"call", q, "x", "--repeat", n}, 2)
+      check({"call", q, "x", "--repeat=" .. n}, 2)
+      check({"call", q, "x", "--repeat", "2", "--parallel", n}, 2)
+    end
+    check({"call", q, "x", "--repeat", "3", "--parallel", "1000000"}, 0)
+    check({"call", q, "x", "--parallel", "7"}, 0)
+    check({"call", q, "x", "--repeat", "2", "--repeat", "3"}, 0)
+    check({"call", q, "x", "--parallel", "1000001", "--repeat", "3"}, 2)
+    -- unknown flags and odd words
+    for _, flag in ipairs {"-x", "-1", "--bogus", "--bogus=1", "--=", "---", "--timeout-", "--TIMEOUT", "-rx", "-hx"} do
+      check({"call", q, "x", flag}, flag == "-hx" and 0 or 2)
+    end
+    check({"call", q, "a", "b", "c"}, 2)
+    check({"call", q, "x", "--exchange"}, 2)
+    check({"frobnicate"}, 2)
+    check({"--bogus"}, 2)
+    check({"serve"}, 2)
+    check({"serve", q, "--echo", "--prefetch", "0"}, 2)
+    check({"serve", q, "--echo", "--prefetch", "65536"}, 2)
+    check({"serve", q, "--echo", "--reply-to-allow", "["}, 2)
+    check({"serve", long, "--echo"}, 2)
+  end)
+
   it("serve -v prints one line per request on stderr: time, id, size, outcome", function()
     local before = select(2, handler_server:output():gsub("id=", ""))
     assert.equal(0, select(2, rabbitrpc({"call", handler_queue, "12345"})))

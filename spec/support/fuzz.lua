@@ -52,6 +52,19 @@ function F.leftover(name)
   leftovers[#leftovers + 1] = name
 end
 
+local leftover_exchanges = {}   -- exchanges the storm may have declared: the parent deletes them
+
+--- A fresh exchange name; the parent deletes the exchange, should it have been declared.
+function F.exchange(what)
+  local name = "spec-fuzz-x-" .. what .. "-" .. hex(4)
+  leftover_exchanges[#leftover_exchanges + 1] = name
+  return name
+end
+
+function F.leftover_exchange(name)
+  leftover_exchanges[#leftover_exchanges + 1] = name
+end
+
 --- Whether the broker has a queue of that name (asked through pika, spec/support/amqp_tool.py).
 function F.queue_exists(name)
   local p = assert(io.popen(("/usr/bin/python3 %s ops '[{\"op\": \"count\", \"queue\": \"%s\"}]'")
@@ -268,6 +281,10 @@ function F.setup()
   F.closed_client:close()
   F.closed_server = assert(rpc.server(F.queue("closed"), echo, {url = F.URL, auto_delete = true}))
   F.closed_server:close()
+  F.closed_connection = assert(rpc.connect {url = F.URL})
+  F.closed_connection:close()
+  F.connection_methods = getmetatable(F.closed_connection).__index
+  F.connection_meta = getmetatable(F.closed_connection)
   F.client_methods = getmetatable(F.client).__index
   F.server_methods = getmetatable(F.echo).__index
   F.client_meta = getmetatable(F.client)
@@ -302,6 +319,14 @@ function F.open_client()
     F.other = assert(rpc.client(F.echo_queue, {url = F.URL, timeout = 2}))
   end
   return F.other
+end
+
+--- The storm's shared connection, made anew when closed.
+function F.open_connection()
+  if not F.connection or tostring(F.connection):find("closed", 1, true) then
+    F.connection = assert(rpc.connect {url = F.URL})
+  end
+  return F.connection
 end
 
 function F.open_server()
@@ -355,6 +380,8 @@ function F.values()
     {"closed server", F.closed_server},
     {"open client", F.open_client()},
     {"open server", F.open_server()},
+    {"closed connection", F.closed_connection},
+    {"open connection", F.open_connection()},
     {"table with rpc.client's metatable", setmetatable({}, F.client_meta)},
   }
 end
@@ -397,6 +424,96 @@ function F.vary_options(name, fn, make_args, opt_pos, keys, valid, extra)
   end
 end
 
+-- ---- rpc.connect: queues the storm's connection consumes itself, so nothing piles up ----
+
+local consumers = setmetatable({}, {__mode = "k"})   -- connection -> queue name -> consumer tag
+
+--- Makes sure conn has the exclusive queue name, consumed with consume_opts (none: not
+-- consumed), declaring and consuming again after the connection was replaced (a loss is
+-- reported once, by the operation that meets it: a failure is tried again). Returns the
+-- consumer tag, or true.
+function F.ensure_queue(conn, name, consume_opts)
+  local tags = consumers[conn] or {}
+  consumers[conn] = tags
+  local why
+  for _ = 1, 4 do
+    local queue, message, count = conn:declare_queue(name, {exclusive = true})
+    if queue and not consume_opts then return true end
+    if queue and count > 0 and tags[name] then return tags[name] end
+    if queue then
+      local tag, m, kind = conn:consume(name, consume_opts)
+      if tag then
+        tags[name] = tag
+        return tag
+      end
+      why = ("consume: %s (%s)"):format(m, kind)
+    else
+      why = ("declare_queue: %s (%s)"):format(message, F.show(count))
+    end
+  end
+  error("the storm cannot set up its queue " .. name .. ": " .. why, 0)
+end
+
+--- The next message conn receives from consumer tag (messages of other consumers, and
+-- returned ones, are skipped), waiting at most seconds for each; or nil, message, kind.
+function F.next_delivery(conn, tag, seconds)
+  for _ = 1, 1000 do
+    local m, message, kind = conn:receive(seconds)
+    if not m then return nil, message, kind end
+    if m.consumer_tag == tag and not m.returned then return m end
+  end
+  return nil, "1000 other messages came first", "timeout"
+end
+
+--- A fresh exclusive queue of conn, consumed with ack = false: publish body to it and receive
+-- it. The message, or the first failure (nil, message, kind).
+function F.round_trip(conn, body)
+  local queue, message, kind = conn:declare_queue("", {exclusive = true})
+  if not queue then return nil, message, kind end
+  local tag
+  tag, message, kind = conn:consume(queue, {ack = false})
+  if not tag then return nil, message, kind end
+  local ok
+  ok, message, kind = conn:publish("", queue, body)
+  if not ok then return nil, message, kind end
+  return F.next_delivery(conn, tag, 2)
+end
+
+--- Whether message m carries what conn:publish was given: body (a string or a number) and
+-- the properties table props (read raw; only the values publish takes are compared). Returns
+-- true, or false and why.
+function F.carries(m, body, props)
+  if type(m) ~= "table" or type(m.body) ~= "string" then return false, "a message expected" end
+  if (type(body) == "string" or type(body) == "number") and m.body ~= tostring(body) then
+    return false, ("body %s, not %s"):format(show(m.body), show(body))
+  end
+  if type(props) ~= "table" then return true end
+  for _, key in ipairs {"content_type", "content_encoding", "correlation_id", "reply_to", "expiration",
+                        "message_id", "type", "user_id", "app_id"} do
+    local v = rawget(props, key)
+    if type(v) == "string" and m[key] ~= v then
+      return false, ("property %s is %s, not %s"):format(key, show(m[key]), show(v))
+    end
+  end
+  if rawget(props, "persistent") == true and m.delivery_mode ~= 2 then return false, "not persistent" end
+  for _, key in ipairs {"priority", "timestamp"} do
+    local v = rawget(props, key)
+    if math.type(v) == "integer" and m[key] ~= v then
+      return false, ("property %s is %s, not %s"):format(key, show(m[key]), show(v))
+    end
+  end
+  local headers = rawget(props, "headers")
+  if type(headers) == "table" then
+    if type(m.headers) ~= "table" then return false, "no headers" end
+    for k, v in next, headers do
+      local got = m.headers[k]
+      local same = got == v and math.type(got) == math.type(v) or (v ~= v and got ~= got)
+      if not same then return false, ("header %s is %s, not %s"):format(show(k), show(got), show(v)) end
+    end
+  end
+  return true
+end
+
 --- Runs body as a coroutine, so that "main thread (normal)" is a coroutine in status normal,
 -- and the API is called from a coroutine (its loop and handlers run there).
 function F.run(body)
@@ -415,6 +532,11 @@ function F.finish()
   F.must("after the storm, the shared client:call", F.reply_is("again"), F.client.call, F.client, "again",
          5)
   c:close()
+  -- and a declare, consume, publish, receive round trip on a new connection
+  local conn = assert(rpc.connect {url = F.URL})
+  F.must("after the storm, a round trip on a new connection (declare, consume, publish, receive)",
+         function(_, m) return F.carries(m, "round trip") end, F.round_trip, conn, "round trip")
+  conn:close()
   collectgarbage()
   collectgarbage()
   local counts = {}
@@ -423,6 +545,7 @@ function F.finish()
   print(("checked %d outcomes: %d violations (%s)")
     :format(F.checked, F.violations, table.concat(counts, ", ")))
   for _, name in ipairs(leftovers) do print("delete: " .. name) end
+  for _, name in ipairs(leftover_exchanges) do print("delete exchange: " .. name) end
   print("DONE")
   io.stdout:flush()
 end
