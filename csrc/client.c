@@ -11,6 +11,7 @@
 #define CLIENT_MT "rpc.client"
 #define UV_OUTCOMES 1  /* a table: replies kept for a later wait, by luaL_ref */
 #define CLIENT_MAX_BODY 134217728  /* RabbitMQ's own default max_message_size: 128 MiB */
+#define SWEEP_MIN 64  /* pending calls before the first sweep for sends nobody waits for */
 
 enum reply_mode { REPLY_DIRECT, REPLY_EXCLUSIVE, REPLY_NAMED };
 
@@ -27,6 +28,7 @@ struct rpc_client {
   double expiration_of;  /* the timeout expiration was last written for */
   char expiration[24];   /* milliseconds, as text */
   struct rpc_pending pending;
+  size_t sweep_at;      /* pending calls at which the next publish sweeps expired sends */
   amqp_pool_t pool;     /* per-call headers, recycled after each publish */
   int open;
   int reading;          /* a message is in hand: a finalizer must not read past it */
@@ -103,6 +105,7 @@ static int client_new(lua_State *L) {
   lua_newtable(L);
   lua_setiuservalue(L, -2, UV_OUTCOMES);
   init_amqp_pool(&c->pool, 4096);
+  c->sweep_at = SWEEP_MIN;
   c->open = 1;  /* from here on, close (and so __gc) frees whatever is acquired */
   conn_init(L, &c->conn, 2, CLIENT_MAX_BODY);
   memcpy(c->queue, queue, qlen + 1);
@@ -286,13 +289,52 @@ static int read_replies_in_hand(lua_State *L, struct rpc_client *c, int idx,
   }
 }
 
+static int read_protected(lua_State *L) {
+  struct rpc_client *c = lua_touserdata(L, 1);
+  const unsigned char *target = lua_touserdata(L, 2);
+  lua_settop(L, 1);
+  return read_replies_in_hand(L, c, 1, target);
+}
+
 /* Keeping a reply allocates, and so may run a finalizer that uses this client: it must not
- * read on while the message in hand is not released (check_usable refuses it). */
+ * read on while the message in hand is not released (check_usable refuses it). The reading
+ * runs protected: a raise (out of memory) releases the message and clears the flag, then
+ * returns -1 with the error on top for the caller to forget its call and raise it again. */
 static int read_replies(lua_State *L, struct rpc_client *c, int idx, const unsigned char *target) {
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, read_protected);
+  lua_pushvalue(L, idx);
+  lua_pushlightuserdata(L, (void *)target);
   c->reading = 1;
-  int n = read_replies_in_hand(L, c, idx, target);
+  int status = lua_pcall(L, 2, LUA_MULTRET, 0);
   c->reading = 0;
-  return n;
+  if (status == LUA_OK) return lua_gettop(L) - top;
+  conn_release_message(&c->conn);
+  return -1;
+}
+
+/* Forgets a call that nobody will take: its kept outcome, if any, is discarded and counted. */
+static void forget_call(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
+  if (call->ref != LUA_NOREF) {
+    lua_getiuservalue(L, idx, UV_OUTCOMES);
+    luaL_unref(L, -1, call->ref);
+    lua_pop(L, 1);
+    c->stats.discarded++;
+  }
+  pending_remove(&c->pending, call);
+}
+
+/* Sends nobody waited for are dropped once their deadline has passed: their slots and kept
+ * replies would otherwise stay forever. Runs no Lua code. Sweeping when the table has doubled
+ * since the last sweep keeps it O(1) per call. */
+static void forget_expired(lua_State *L, struct rpc_client *c, int idx) {
+  double now = rpc_now();
+  for (size_t i = 0; i < c->pending.cap; i++) {
+    struct rpc_call *call = &c->pending.slots[i];
+    while (call->used && !call->waited && call->deadline < now)  /* a removal may shift one in */
+      forget_call(L, c, idx, call);
+  }
+  c->sweep_at = c->pending.count * 2 > SWEEP_MIN ? c->pending.count * 2 : SWEEP_MIN;
 }
 
 /* Waits for call id until deadline, serving this Lua state's servers meanwhile. Ctrl-C ends
@@ -306,13 +348,19 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
   for (;;) {
     if (!c->open) return rpc_fail(L, "closed", "client closed while waiting for a reply");
     struct rpc_call *call = pending_find(&c->pending, id);
+    /* never: a waited call is removed only by its waiter (wait() refuses a second one) */
+    if (!call) return luaL_error(L, "rabbitrpc: the call being waited for is gone");
     if (call->state != CALL_WAITING) return take(L, c, idx, call);  /* settled meanwhile */
     if (ready) {
+      ready = 0;
       int n = read_replies(L, c, idx, id);
+      if (n < 0) {
+        call = c->open ? pending_find(&c->pending, id) : NULL;
+        if (call) forget_call(L, c, idx, call);
+        return lua_error(L);
+      }
       if (n) return n;
-      if (!c->open) continue;  /* a finalizer run by a kept reply's allocation closed it */
-      call = pending_find(&c->pending, id);
-      if (call->state != CALL_WAITING) continue;
+      continue;  /* a finalizer may have closed it; another reply may have settled it */
     }
     if (rpc_now() >= deadline) {
       double seconds = call->timeout;
@@ -323,7 +371,8 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
       lua_pushliteral(L, "timeout");
       return 3;
     }
-    if (lua_gethook(L) != hook) {
+    /* Ctrl-C seen here, or taken by a handler this wait ran (loop_interrupted) */
+    if (lua_gethook(L) != hook || loop_interrupted(c->loop)) {
       pending_remove(&c->pending, call);
       return rpc_fail(L, "interrupted", "interrupted while waiting for a reply");
     }
@@ -398,15 +447,17 @@ static void read_request(lua_State *L, struct rpc_client *c, int arg, const char
 /* Everything a publish needs: open, and a live connection (a lost one is replaced, within
  * limit seconds: the call's timeout). Returns 0, or pushes a failure. */
 static int ready_to_publish(lua_State *L, struct rpc_client *c, int idx, double limit) {
-  if (!c->open) return rpc_fail(L, "closed", "client closed");
-  /* after a quiet spell the broker may have dropped us (missed heartbeats, a restart): read
-   * first, so a dead connection is replaced before publishing rather than failing the call */
   static const unsigned char nobody[16];  /* no random uuid is all zeros */
-  if (c->conn.amqp && rpc_now() - c->conn.last_pumped > RPC_HEARTBEAT_READ)
-    read_replies(L, c, idx, nobody);
+  if (!c->open) return rpc_fail(L, "closed", "client closed");
+  /* the broker may have dropped us since the last read (a connection.close on stop_app, a
+   * reset, missed heartbeats): read what waits first, so a dead connection is replaced before
+   * publishing rather than failing the call */
+  if (conn_readable(&c->conn) && read_replies(L, c, idx, nobody) < 0) return lua_error(L);
+  if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
   if (!c->conn.amqp && client_connect(c, limit)) return rpc_fail(L, c->conn.error_kind, c->conn.error);
   if (c->conn.blocked[0]) {  /* the broker would not read the request: fail now, not at the timeout */
-    read_replies(L, c, idx, nobody);  /* unless it has unblocked meanwhile */
+    if (read_replies(L, c, idx, nobody) < 0) return lua_error(L);  /* unless it has unblocked meanwhile */
+    if (!c->open) return rpc_fail(L, "closed", "client closed");
     if (c->conn.blocked[0]) return rpc_fail(L, "blocked", c->conn.blocked);
   }
   return 0;
@@ -420,40 +471,57 @@ static int too_large(lua_State *L, const struct rpc_client *c, size_t len) {
   return 3;
 }
 
-/* Publishes one request under a fresh id (its text in id_text). Returns 0, or pushes the
- * failure and returns 3: a failed publish loses the connection, and fails every call on it. */
-static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *r,
-                   const char *body, size_t len, unsigned char id[16], char id_text[37]) {
-  if (len > c->conn.max_body) return too_large(L, c, len);
-  if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
-  if (r->headers) {  /* from here to the publish, nothing may run Lua code */
+/* Fills in what every attempt of a request carries. Runs no Lua code: the headers point into
+ * the pool, which a finalizer calling this client would recycle. */
+static void stamp_request(lua_State *L, struct rpc_client *c, struct request *r, const char *id_text) {
+  if (r->headers) {
     recycle_amqp_pool(&c->pool);
     table_from_lua(L, r->headers, r->arg, &c->pool, &r->props.headers);
     r->props._flags |= AMQP_BASIC_HEADERS_FLAG;
   }
-  uuid_generate_random(id);
-  uuid_unparse_lower(id, id_text);
   if (r->timeout != c->expiration_of) {  /* printing a double costs more than the rest */
     snprintf(c->expiration, sizeof c->expiration, "%lld", (long long)ceil(r->timeout * 1000));
     c->expiration_of = r->timeout;
   }
   r->props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG | AMQP_BASIC_EXPIRATION_FLAG;
-  r->props.correlation_id = (amqp_bytes_t){36, id_text};
-  r->props.reply_to = amqp_cstring_bytes(c->reply_to);
+  r->props.correlation_id = (amqp_bytes_t){36, (void *)id_text};
+  r->props.reply_to = amqp_cstring_bytes(c->reply_to);  /* a reconnect may rename it */
   r->props.expiration = amqp_cstring_bytes(c->expiration);
-  struct rpc_call *call = pending_add(&c->pending, id);
-  if (!call) return luaL_error(L, "not enough memory");
-  call->timeout = r->timeout;
-  call->deadline = rpc_now() + r->timeout;
-  call->seq = c->confirm ? ++c->published : 0;
-  c->stats.calls++;
-  /* mandatory: an unroutable request comes back as basic.return and fails the call at once */
-  if (!conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props,
-                    (amqp_bytes_t){len, (void *)body}, r->timeout))
-    return 0;
-  fail_all(L, c, idx, c->conn.error_kind, c->conn.error);
+}
+
+/* Publishes one request under a fresh id (its text in id_text); waited: a wait on it is
+ * under way from the start (call, call_all), so neither a sweep nor a second wait may take
+ * it. Returns 0, or pushes the failure and returns 3. A publish that fails never went out
+ * whole, so no broker routed it: the calls the lost connection carried fail, and this one is
+ * tried once more on a fresh connection (the next broker of urls) within its timeout. */
+static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *r,
+                   const char *body, size_t len, unsigned char id[16], char id_text[37], int waited) {
+  if (len > c->conn.max_body) return too_large(L, c, len);
   if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
-  return take(L, c, idx, pending_find(&c->pending, id));
+  if (c->pending.count >= c->sweep_at) forget_expired(L, c, idx);
+  uuid_generate_random(id);
+  uuid_unparse_lower(id, id_text);
+  double deadline = rpc_now() + r->timeout;
+  c->stats.calls++;
+  for (int attempt = 1;; attempt++) {
+    stamp_request(L, c, r, id_text);  /* from here to the publish, nothing may run Lua code */
+    struct rpc_call *call = pending_add(&c->pending, id);
+    if (!call) return luaL_error(L, "not enough memory");
+    call->timeout = r->timeout;
+    call->deadline = deadline;
+    call->waited = waited;
+    call->seq = c->confirm ? ++c->published : 0;
+    /* mandatory: an unroutable request comes back as basic.return and fails the call at once */
+    if (!conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props,
+                      (amqp_bytes_t){len, (void *)body}, r->timeout))
+      return 0;
+    pending_remove(&c->pending, call);
+    fail_all(L, c, idx, c->conn.error_kind, c->conn.error);
+    if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
+    double left = deadline - rpc_now();
+    if (attempt > 1 || left <= 0 || client_connect(c, left))
+      return rpc_fail(L, c->conn.error_kind, c->conn.error);
+  }
 }
 
 /* client:call(body [, timeout [, callopts]]) */
@@ -467,7 +535,7 @@ static int client_call(lua_State *L) {
   unsigned char id[16];
   char id_text[37];
   int n = ready_to_publish(L, c, 1, r.timeout);
-  if (!n) n = publish(L, c, 1, &r, body, len, id, id_text);
+  if (!n) n = publish(L, c, 1, &r, body, len, id, id_text, 1);
   return n ? n : wait_for(L, c, 1, id, rpc_now() + r.timeout);
 }
 
@@ -482,7 +550,7 @@ static int client_send(lua_State *L) {
   unsigned char id[16];
   char id_text[37];
   int n = ready_to_publish(L, c, 1, r.timeout);
-  if (!n) n = publish(L, c, 1, &r, body, len, id, id_text);
+  if (!n) n = publish(L, c, 1, &r, body, len, id, id_text, 0);
   if (n) return n;
   lua_pushlstring(L, id_text, 36);
   return 1;
@@ -511,13 +579,7 @@ static void abandon(lua_State *L, struct rpc_client *c, const unsigned char (*id
                     lua_Integer n) {
   for (lua_Integer i = from; i < n && c->open; i++) {
     struct rpc_call *call = pending_find(&c->pending, ids[i]);
-    if (!call) continue;
-    if (call->ref != LUA_NOREF) {
-      lua_getiuservalue(L, 1, UV_OUTCOMES);
-      luaL_unref(L, -1, call->ref);
-      lua_pop(L, 1);
-    }
-    pending_remove(&c->pending, call);
+    if (call) forget_call(L, c, 1, call);
   }
 }
 
@@ -558,7 +620,7 @@ static int client_call_all(lua_State *L) {
     lua_rawgeti(L, 2, i + 1);
     size_t len;
     const char *body = lua_tolstring(L, -1, &len);
-    failed = publish(L, c, 1, &r, body, len, ids[i], id_text);
+    failed = publish(L, c, 1, &r, body, len, ids[i], id_text, 1);
     if (!failed) lua_pop(L, 1);
   }
   lua_Integer sent = i, waited = 0;

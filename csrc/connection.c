@@ -8,6 +8,7 @@
 #include <string.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 
@@ -317,7 +318,8 @@ static int open_failed(struct rpc_conn *c, const struct rpc_endpoint *e, int st)
   }
 }
 
-static void bound_sends(struct rpc_conn *c, double seconds);
+static unsigned int own_send_bound(const struct rpc_conn *c);
+static void set_send_bound(struct rpc_conn *c, unsigned int ms);
 
 static int connect_socket(struct rpc_conn *c, double limit) {
   struct timeval tv = timeval_of(limit);
@@ -335,15 +337,25 @@ static int connect_socket(struct rpc_conn *c, double limit) {
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
   c->send_bound = 0;
   /* acks and set-up methods send too, outside any publish: bound them from the start */
-  bound_sends(c, c->heartbeat ? 2.0 * c->heartbeat : 60);
+  set_send_bound(c, own_send_bound(c));
   return 0;
 }
 
 /* amqp_basic_publish sends with no deadline (rmqc#519): a peer that stops reading would hold
  * it forever. TCP_USER_TIMEOUT makes the kernel drop the connection once sent data stays
- * unacknowledged (or unsent behind a zero window) that long, and the publish then fails. */
-static void bound_sends(struct rpc_conn *c, double seconds) {
-  unsigned int ms = seconds < 1 ? 1000 : seconds > 3600 ? 3600000 : (unsigned int)(seconds * 1000);
+ * unacknowledged (or unsent behind a zero window) that long, and the send then fails. The
+ * connection's own bound is the heartbeats' window; a publish with a shorter one (a call's
+ * timeout) sets it only while it sends, so that one retransmit stall later does not drop a
+ * connection other calls share. */
+static unsigned int bound_ms(double seconds) {
+  return seconds < 1 ? 1000 : seconds > 3600 ? 3600000 : (unsigned int)(seconds * 1000);
+}
+
+static unsigned int own_send_bound(const struct rpc_conn *c) {
+  return bound_ms(c->heartbeat ? 2.0 * c->heartbeat : 60);
+}
+
+static void set_send_bound(struct rpc_conn *c, unsigned int ms) {
   if (ms == c->send_bound) return;
   setsockopt(amqp_get_sockfd(c->amqp), IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof ms);
   c->send_bound = ms;
@@ -396,6 +408,7 @@ static int open_endpoint(struct rpc_conn *c, double limit) {
 /* Tries every broker once, in order from the one after the last used (the first, at the
  * start): a cluster's nodes, or a primary and its standby. */
 int conn_open(struct rpc_conn *c, double limit) {
+  if (c->n_endpoints == 0) return conn_lost(c, "closed", "closed");  /* freed by its owner's close */
   if (limit > c->connect_timeout) limit = c->connect_timeout;
   c->blocked[0] = '\0';
   int start = c->opened ? (c->current + 1) % c->n_endpoints : 0;
@@ -458,6 +471,15 @@ int conn_fd(const struct rpc_conn *c) {
 /* rabbitmq-c may hold whole frames or raw bytes that a poll() on the socket cannot see. */
 int conn_has_input(const struct rpc_conn *c) {
   return c->amqp && (amqp_frames_enqueued(c->amqp) || amqp_data_in_buffer(c->amqp));
+}
+
+/* Something to read, buffered or in the socket: data, a hang-up or an error. One poll() with
+ * no wait: the check before a publish that sees a connection the broker has just closed. */
+int conn_readable(const struct rpc_conn *c) {
+  if (!c->amqp) return 0;
+  if (conn_has_input(c)) return 1;
+  struct pollfd p = {amqp_get_sockfd(c->amqp), POLLIN, 0};
+  return poll(&p, 1, 0) != 0;  /* -1 (EINTR): reading finds out */
 }
 
 #define KEEP_BUFFER (1 << 20)  /* a larger assembly buffer goes back after its message */
@@ -605,9 +627,13 @@ enum conn_event conn_pump(struct rpc_conn *c) {
 
 int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
                  const amqp_basic_properties_t *props, amqp_bytes_t body, double bound) {
-  bound_sends(c, bound);
+  unsigned int own = own_send_bound(c), ms = bound_ms(bound);
+  if (ms < own) set_send_bound(c, ms);
   int st = amqp_basic_publish(c->amqp, RPC_CHANNEL, exchange, routing_key, mandatory, 0, props, body);
-  if (st == AMQP_STATUS_OK) return 0;
+  if (st == AMQP_STATUS_OK) {
+    set_send_bound(c, own);
+    return 0;
+  }
   return conn_lost(c, "connection", "publishing to %s failed: %s", c->where, amqp_error_string2(st));
 }
 

@@ -14,6 +14,7 @@
 
 struct rpc_loop {
   struct rpc_server *servers;  /* open servers, newest first */
+  int interrupted;             /* loop_note_interrupt */
 };
 
 static const char LOOP_KEY = 'L';  /* its address keys the loop in the registry */
@@ -25,6 +26,7 @@ struct rpc_loop *loop_get(lua_State *L) {
     lua_pop(L, 1);
     struct rpc_loop *loop = lua_newuserdatauv(L, sizeof *loop, 1);
     loop->servers = NULL;
+    loop->interrupted = 0;
     lua_newtable(L);
     lua_setiuservalue(L, -2, 1);
     lua_pushvalue(L, -1);
@@ -176,4 +178,29 @@ void loop_catch_signals(int on) {
 
 int loop_signalled(void) {
   return signalled;
+}
+
+/* lua.c answers SIGINT with a hook that raises "interrupted!" and resets SIGINT to its default
+ * (a second one kills). A handler that a wait runs inline may take that error as its own: its
+ * server asks whether SIGINT was caught before the handler (outside run(), which owns the
+ * signals) and reset after it failed. */
+int loop_sigint_armed(void) {
+  struct sigaction sa;
+  return !catching && sigaction(SIGINT, NULL, &sa) == 0 && sa.sa_handler != SIG_DFL &&
+         sa.sa_handler != SIG_IGN;
+}
+
+int loop_sigint_fired(void) {
+  struct sigaction sa;
+  return sigaction(SIGINT, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL;
+}
+
+void loop_note_interrupt(struct rpc_loop *loop) {
+  loop->interrupted = 1;
+}
+
+int loop_interrupted(struct rpc_loop *loop) {
+  int was = loop->interrupted;
+  loop->interrupted = 0;
+  return was;
 }

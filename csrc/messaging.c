@@ -10,6 +10,11 @@
 #define CONNECTION_MT "rpc.connection"
 #define CONNECTION_MAX_BODY 134217728  /* as a client: RabbitMQ's default max_message_size */
 #define READ_AHEAD 16  /* deliveries read ahead at most: the rest waits in the socket (back-pressure) */
+/* Delivery tags restart at 1 on every channel: the tags receive gives carry their connection's
+ * generation above TAG_BITS (0 on the first, so those are the broker's own numbers). */
+#define TAG_BITS 40
+#define TAG_MASK ((((lua_Integer)1) << TAG_BITS) - 1)
+#define GENERATIONS (((lua_Integer)1) << 22)
 
 /* user values */
 enum { UV_INBOX = 1, UV_MANUAL, UV_COUNT = UV_MANUAL };
@@ -24,6 +29,9 @@ struct rpc_connection {
   int reading;        /* a message is in hand: a finalizer must not read past it */
   int close_pending;  /* closed by a finalizer while a message was in hand: closed after it */
   lua_Integer inbox_first, inbox_last;
+  lua_Integer generation;  /* connections opened before this one, modulo GENERATIONS */
+  int consumers;      /* consumers this connection holds */
+  int exclusive;      /* it declared an exclusive queue */
 };
 
 static struct rpc_connection *check_connection(lua_State *L) {
@@ -82,7 +90,7 @@ static void push_message(lua_State *L, struct rpc_connection *m) {
   lua_setfield(L, -2, "body");
   if (msg->kind == EV_DELIVERY) {
     const amqp_basic_deliver_t *d = &msg->deliver;
-    set_integer(L, "delivery_tag", (lua_Integer)d->delivery_tag);
+    set_integer(L, "delivery_tag", m->generation << TAG_BITS | ((lua_Integer)d->delivery_tag & TAG_MASK));
     lua_pushboolean(L, d->redelivered);
     lua_setfield(L, -2, "redelivered");
     set_bytes(L, "exchange", d->exchange);
@@ -123,8 +131,16 @@ static int refuse_too_large(lua_State *L, struct rpc_connection *m) {
 
 static void close_now(lua_State *L, struct rpc_connection *m);
 
+static int push_protected(lua_State *L) {
+  struct rpc_connection *m = lua_touserdata(L, 1);
+  if (m->conn.msg.oversized) return refuse_too_large(L, m);
+  push_message(L, m);
+  return 1;
+}
+
 /* Reads what has arrived, never waiting: pushes one message (1), a failure (3), or nothing (0).
- * A cancelled consumer is a failure; the connection stays. */
+ * A cancelled consumer is a failure; the connection stays. Building the message runs protected:
+ * a raise (out of memory) releases it and clears the flags before going on up. */
 static int read_one(lua_State *L, struct rpc_connection *m) {
   for (;;) {
     enum conn_event ev = conn_pump(&m->conn);
@@ -132,17 +148,20 @@ static int read_one(lua_State *L, struct rpc_connection *m) {
       case EV_NONE: return 0;
       case EV_FAILED: return lost(L, m);
       case EV_CANCELLED:
+        if (m->consumers > 0) m->consumers--;
         return rpc_fail(L, "broker", "the broker cancelled a consumer (was its queue deleted?)");
       case EV_DELIVERY:
       case EV_RETURN: {
+        int top = lua_gettop(L);
+        lua_pushcfunction(L, push_protected);
+        lua_pushvalue(L, 1);
         m->reading = 1;
-        int n = 1;
-        if (m->conn.msg.oversized) n = refuse_too_large(L, m);
-        else push_message(L, m);
+        int status = lua_pcall(L, 1, LUA_MULTRET, 0);
         m->reading = 0;
         conn_release_message(&m->conn);
         if (m->close_pending) close_now(L, m);
-        return n;
+        if (status != LUA_OK) return lua_error(L);
+        return lua_gettop(L) - top;
       }
       default: continue;  /* blocked, nacked: nothing a receiver must see */
     }
@@ -225,24 +244,42 @@ static void forget_old_connection(lua_State *L, struct rpc_connection *m) {
   lua_setiuservalue(L, 1, UV_MANUAL);
   m->inbox_first = 1;
   m->inbox_last = kept;
+  m->consumers = m->exclusive = 0;
 }
 
 static int quiet(const struct rpc_connection *m) {
   return m->conn.amqp && rpc_now() - m->conn.last_pumped > RPC_HEARTBEAT_READ;
 }
 
+/* Holds nothing a new connection would lack (no consumer, no exclusive queue): such a
+ * connection is replaced without a word when lost, as a client's is. */
+static int stateless(const struct rpc_connection *m) {
+  return m->consumers == 0 && !m->exclusive;
+}
+
+/* A new connection in place of the lost one: 0, or a failure pushed. */
+static int reconnect(lua_State *L, struct rpc_connection *m) {
+  forget_old_connection(L, m);
+  if (!m->open) return closed(L);  /* by a finalizer its allocations ran */
+  if (conn_open(&m->conn, m->conn.connect_timeout)) return lost(L, m);
+  m->generation = (m->generation + 1) % GENERATIONS;
+  return 0;
+}
+
 /* For every operation: open, and connected. A loss is reported once, by the operation that
- * meets it; the next one replaces the connection. */
+ * meets it, and the next one replaces the connection; a stateless connection that merely lost
+ * its link (kind connection: a close by the broker's operator, a restart, missed heartbeats)
+ * is replaced at once. A refused operation (a publish to a missing exchange, a bad tag) is
+ * always reported. What the broker has sent meanwhile is read first. */
 static int ready(lua_State *L, struct rpc_connection *m) {
   if (!m->open) return closed(L);
-  if (quiet(m) && drain(L, m)) return 3;
-  if (!m->open) return closed(L);  /* by a finalizer, while reading ahead */
-  if (!m->conn.amqp) {
-    forget_old_connection(L, m);
-    if (!m->open) return closed(L);  /* by a finalizer its allocations ran */
-    if (conn_open(&m->conn, m->conn.connect_timeout)) return lost(L, m);
+  int quietly = stateless(m), n;
+  if (conn_readable(&m->conn) && (n = drain(L, m))) {
+    if (!quietly || strcmp(lua_tostring(L, -1), "connection") != 0) return n;
+    lua_pop(L, n);
   }
-  return 0;
+  if (!m->open) return closed(L);  /* by a finalizer, while reading ahead */
+  return m->conn.amqp ? 0 : reconnect(L, m);
 }
 
 static struct rpc_connection *check_usable(lua_State *L) {
@@ -258,10 +295,12 @@ static int connection_receive(lua_State *L) {
   luaL_argcheck(L, timeout >= 0, 2, "timeout must be a number of seconds, 0 or more");
   if (!m->open) return closed(L);
   int n;
-  if (quiet(m) && (n = drain(L, m))) return n;  /* a loss; auto-acked deliveries stay for later */
+  /* after a quiet spell, a loss the broker told of comes first; auto-acked deliveries stay for
+   * later. Otherwise the wait below reads: a message it converts is returned, not read ahead. */
+  if (quiet(m) && (n = drain(L, m))) return n;
   if (!m->open) return closed(L);
   if (m->inbox_first <= m->inbox_last) return inbox_take(L, m);  /* read while doing something else */
-  if ((n = ready(L, m))) return n;
+  if (!m->conn.amqp && (n = reconnect(L, m))) return n;
   double deadline = rpc_now() + (timeout > RPC_MAX_TIMEOUT ? RPC_MAX_TIMEOUT * 1000 : timeout);
   lua_Hook hook = lua_gethook(L);
   int input = conn_has_input(&m->conn) || timeout == 0;
@@ -272,8 +311,9 @@ static int connection_receive(lua_State *L) {
     if (input && (n = read_one(L, m))) return n;
     if (rpc_now() >= deadline)
       return rpc_fail(L, "timeout", lua_pushfstring(L, "no message within %f s", timeout));
-    /* Ctrl-C (lua.c's hook), or SIGINT/SIGTERM caught by a server's run() whose handler waits here */
-    if (lua_gethook(L) != hook || loop_signalled())
+    /* Ctrl-C (lua.c's hook, here or taken by a handler this wait ran), or SIGINT/SIGTERM caught
+     * by a server's run() whose handler waits here */
+    if (lua_gethook(L) != hook || loop_signalled() || loop_interrupted(m->loop))
       return rpc_fail(L, "interrupted", "interrupted while waiting for a message");
     input = loop_wait(L, m->loop, &m->conn, deadline);
   }
@@ -361,6 +401,7 @@ static int connection_declare_queue(lua_State *L) {
   amqp_queue_declare_ok_t *ok = amqp_queue_declare(m->conn.amqp, RPC_CHANNEL, name, passive, durable,
                                                    exclusive, auto_delete, build_arguments(L, m, args, 3));
   if (conn_check_reply(&m->conn, "declaring the queue") || !ok) return lost(L, m);
+  m->exclusive |= exclusive;
   lua_Integer messages = ok->message_count, consumers = ok->consumer_count;
   lua_pushlstring(L, ok->queue.bytes, ok->queue.len);  /* may run a finalizer: ok read before */
   lua_pushinteger(L, messages);
@@ -502,7 +543,11 @@ static int connection_publish(lua_State *L) {
     props._flags |= AMQP_BASIC_HEADERS_FLAG;
   }
   double bound = m->conn.heartbeat ? 2.0 * m->conn.heartbeat : 60;
-  if (conn_publish(&m->conn, exchange, key, mandatory, &props, (amqp_bytes_t){len, (void *)body}, bound))
+  amqp_bytes_t message = {len, (void *)body};
+  /* a failed publish never went out whole: a stateless connection tries once more on a new one */
+  int retry = stateless(m);
+  if (conn_publish(&m->conn, exchange, key, mandatory, &props, message, bound) &&
+      (!retry || reconnect(L, m) || conn_publish(&m->conn, exchange, key, mandatory, &props, message, bound)))
     return lost(L, m);
   lua_pushboolean(L, 1);
   return 1;
@@ -532,6 +577,7 @@ static int connection_consume(lua_State *L) {
                                                    (amqp_bytes_t){tag_len, (void *)tag}, 0, !manual,
                                                    exclusive, amqp_empty_table);
   if (conn_check_reply(&m->conn, "consuming the queue") || !ok) return lost(L, m);
+  m->consumers++;
   lua_pushlstring(L, ok->consumer_tag.bytes, ok->consumer_tag.len);
   if (manual) {
     lua_getiuservalue(L, 1, UV_MANUAL);
@@ -551,6 +597,7 @@ static int connection_cancel(lua_State *L) {
   if (n) return n;
   amqp_basic_cancel(m->conn.amqp, RPC_CHANNEL, tag);
   if (conn_check_reply(&m->conn, "cancelling the consumer")) return lost(L, m);
+  if (m->consumers > 0) m->consumers--;
   lua_getiuservalue(L, 1, UV_MANUAL);
   lua_pushvalue(L, 2);
   lua_pushnil(L);
@@ -559,10 +606,21 @@ static int connection_cancel(lua_State *L) {
   return 1;
 }
 
-static uint64_t tag_arg(lua_State *L) {
+static lua_Integer tag_arg(lua_State *L) {
   lua_Integer tag = luaL_checkinteger(L, 2);
-  luaL_argcheck(L, tag > 0, 2, "delivery tag must be a positive integer");
-  return (uint64_t)tag;
+  luaL_argcheck(L, tag > 0 && (tag & TAG_MASK) > 0, 2, "delivery tag must be one receive gave");
+  return tag;
+}
+
+/* A tag of a lost connection: the broker requeued its delivery, and the same number names
+ * another one on the new channel. Nothing is sent. */
+static int stale(lua_State *L, struct rpc_connection *m, lua_Integer tag) {
+  if (tag >> TAG_BITS == m->generation && m->conn.amqp) return 0;
+  lua_pushnil(L);
+  lua_pushfstring(L, "delivery tag %I is from a connection to %s that was lost: the broker requeued "
+                  "its message, nothing was acknowledged", tag, m->conn.where);
+  lua_pushliteral(L, "stale");
+  return 3;
 }
 
 static int optboolean(lua_State *L, int arg, int def) {
@@ -585,31 +643,34 @@ static int acknowledge(lua_State *L, int status, struct rpc_connection *m) {
 /* conn:ack(tag [, multiple]) */
 static int connection_ack(lua_State *L) {
   struct rpc_connection *m = check_usable(L);
-  uint64_t tag = tag_arg(L);
+  lua_Integer tag = tag_arg(L);
   int multiple = optboolean(L, 3, 0);
   if (!m->open) return closed(L);
-  if (!m->conn.amqp) return lost(L, m);  /* its delivery died with the connection: redelivered */
-  return acknowledge(L, amqp_basic_ack(m->conn.amqp, RPC_CHANNEL, tag, multiple), m);
+  int n = stale(L, m, tag);
+  if (n) return n;
+  return acknowledge(L, amqp_basic_ack(m->conn.amqp, RPC_CHANNEL, (uint64_t)(tag & TAG_MASK), multiple), m);
 }
 
 /* conn:nack(tag [, multiple [, requeue]]) */
 static int connection_nack(lua_State *L) {
   struct rpc_connection *m = check_usable(L);
-  uint64_t tag = tag_arg(L);
+  lua_Integer tag = tag_arg(L);
   int multiple = optboolean(L, 3, 0), requeue = optboolean(L, 4, 1);
   if (!m->open) return closed(L);
-  if (!m->conn.amqp) return lost(L, m);
-  return acknowledge(L, amqp_basic_nack(m->conn.amqp, RPC_CHANNEL, tag, multiple, requeue), m);
+  int n = stale(L, m, tag);
+  if (n) return n;
+  return acknowledge(L, amqp_basic_nack(m->conn.amqp, RPC_CHANNEL, (uint64_t)(tag & TAG_MASK), multiple, requeue), m);
 }
 
 /* conn:reject(tag [, requeue]) */
 static int connection_reject(lua_State *L) {
   struct rpc_connection *m = check_usable(L);
-  uint64_t tag = tag_arg(L);
+  lua_Integer tag = tag_arg(L);
   int requeue = optboolean(L, 3, 1);
   if (!m->open) return closed(L);
-  if (!m->conn.amqp) return lost(L, m);
-  return acknowledge(L, amqp_basic_reject(m->conn.amqp, RPC_CHANNEL, tag, requeue), m);
+  int n = stale(L, m, tag);
+  if (n) return n;
+  return acknowledge(L, amqp_basic_reject(m->conn.amqp, RPC_CHANNEL, (uint64_t)(tag & TAG_MASK), requeue), m);
 }
 
 /* ---- the rest ---- */

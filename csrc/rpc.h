@@ -77,7 +77,7 @@ struct rpc_conn {
   int heartbeat;
   double connect_timeout;
   size_t max_body;              /* a longer incoming message is skipped, not buffered */
-  unsigned int send_bound;      /* TCP_USER_TIMEOUT now set, ms */
+  unsigned int send_bound;      /* TCP_USER_TIMEOUT now set, ms (the connection's own between publishes) */
   const char *where;            /* the current endpoint's */
   struct rpc_message msg;
   double last_pumped;             /* when the loop last serviced it (heartbeats) */
@@ -99,6 +99,7 @@ void conn_close(struct rpc_conn *c);      /* polite close, then free the connect
 void conn_free(struct rpc_conn *c);       /* conn_close and release everything */
 int conn_fd(const struct rpc_conn *c);
 int conn_has_input(const struct rpc_conn *c);
+int conn_readable(const struct rpc_conn *c);  /* buffered input, or the socket polls readable */
 enum conn_event conn_pump(struct rpc_conn *c);
 void conn_release_message(struct rpc_conn *c);
 /* bound: seconds a stalled peer may hold the publish before the connection is dropped */
@@ -151,6 +152,12 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
  * the handlers once. */
 void loop_catch_signals(int on);
 int loop_signalled(void);
+/* Ctrl-C taken by a handler a wait ran (lua.c's hook raised "interrupted!" inside it): the
+ * handler's server notes it, and the wait that ran it ends "interrupted" (and clears it). */
+void loop_note_interrupt(struct rpc_loop *loop);
+int loop_sigint_armed(void);  /* before an inline handler: is SIGINT caught by the host? */
+int loop_sigint_fired(void);  /* after it failed: was SIGINT reset to its default since? */
+int loop_interrupted(struct rpc_loop *loop);
 
 /* ---- servers (server.c) ---- */
 struct rpc_conn *server_conn(struct rpc_server *s);
@@ -158,7 +165,7 @@ struct rpc_server *server_next(struct rpc_server *s);
 void server_set_next(struct rpc_server *s, struct rpc_server *next);
 int server_servable(const struct rpc_server *s);
 int server_due(const struct rpc_server *s, double now);  /* down, and its retry time has come */
-void server_reconnect(lua_State *L, int idx, double limit);  /* limit: seconds */
+void server_reconnect(lua_State *L, int idx, double limit);  /* limit: seconds; runs no Lua but opts.log */
 int server_service(lua_State *L, int idx);
 
 /* ---- Lua types ---- */

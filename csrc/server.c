@@ -2,6 +2,8 @@
  * and publishes its reply to the request's reply_to, acking only after the reply is out. */
 #include <math.h>
 #include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "rpc.h"
@@ -14,7 +16,12 @@
 #define MAX_RETRY 30.0         /* the backoff doubles up to this */
 
 /* user values */
-enum { UV_HANDLER = 1, UV_MSGH, UV_ARGUMENTS, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_BIND, UV_COUNT = UV_BIND };
+enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_COUNT = UV_ALLOW };
+
+struct binding {    /* opts.bind, copied at creation: redone on every reconnect */
+  char exchange[256], routing_key[256], type[8];  /* type "": the exchange is not declared */
+  int has_key, durable;  /* without a routing key, the queue's name */
+};
 
 struct rpc_server {
   struct rpc_conn conn;
@@ -25,6 +32,11 @@ struct rpc_server {
   int server_named;   /* declared as "": a new name on every connection */
   int wants_request;  /* the handler declares a second parameter */
   int open, busy, stopping, close_pending;
+  int reply_due, ack_due;     /* of the delivery in hand: what a raise must still do */
+  amqp_pool_t args_pool;      /* opts.arguments, copied at creation, and its strings */
+  amqp_table_t args;
+  struct binding *bindings;
+  int n_bindings;
   double backoff, retry_at;   /* while the connection is down */
   uint32_t jitter;            /* xorshift state for the backoff's jitter */
   int has_allow;      /* opts.reply_to_allow was given */
@@ -93,6 +105,7 @@ static int push_request(lua_State *L, const struct rpc_message *m) {
 static int publish_reply(struct rpc_server *s, const char *reply, size_t len, int failed,
                          const char *kind) {
   const amqp_basic_properties_t *req = s->conn.msg.props;
+  s->reply_due = 0;
   amqp_basic_properties_t props;
   amqp_table_entry_t error[2];
   props._flags = 0;
@@ -128,7 +141,7 @@ static void log_line(lua_State *L, int idx, const char *fmt, ...);
 
 /* A reply goes where the request says, so whoever can publish to our queue could have us write
  * into any queue: only reply queues are allowed (direct reply-to, server-named), and the names
- * opts.reply_to_allow lists, as such or as Lua patterns that match the whole name. */
+ * opts.reply_to_allow lists, as such or as Lua patterns anchored at both ends. */
 static int reply_to_allowed(lua_State *L, struct rpc_server *s, int idx, amqp_bytes_t name) {
   static const char direct[] = RPC_DIRECT_REPLY_TO ".", generated[] = "amq.gen-";
   if ((name.len > sizeof direct - 1 && memcmp(name.bytes, direct, sizeof direct - 1) == 0) ||
@@ -136,17 +149,19 @@ static int reply_to_allowed(lua_State *L, struct rpc_server *s, int idx, amqp_by
     return 1;
   if (!s->has_allow) return 0;
   int top = lua_gettop(L), allowed = 0;
-  lua_getiuservalue(L, idx, UV_ALLOW);  /* {find, pattern...} */
+  lua_getiuservalue(L, idx, UV_ALLOW);  /* {find, name1, anchored1, name2, anchored2...} */
   lua_Integer n = (lua_Integer)lua_rawlen(L, top + 1);
-  for (lua_Integer i = 2; i <= n && !allowed; i++) {
+  for (lua_Integer i = 2; i < n && !allowed; i += 2) {
     size_t len;
-    lua_rawgeti(L, top + 1, 1);
-    lua_pushlstring(L, name.bytes, name.len);
     const char *entry = (lua_rawgeti(L, top + 1, i), lua_tolstring(L, -1, &len));
-    if (len == name.len && memcmp(entry, name.bytes, len) == 0)  /* the name itself */
+    if (len == name.len && memcmp(entry, name.bytes, len) == 0) {  /* the name itself */
       allowed = 1;
-    else if (lua_pcall(L, 2, 2, 0) == LUA_OK)  /* string.find(name, pattern): all of it? */
-      allowed = lua_tointeger(L, -2) == 1 && lua_tointeger(L, -1) == (lua_Integer)name.len;
+    } else {
+      lua_rawgeti(L, top + 1, 1);
+      lua_pushlstring(L, name.bytes, name.len);
+      lua_rawgeti(L, top + 1, i + 1);
+      allowed = lua_pcall(L, 2, 1, 0) == LUA_OK && !lua_isnil(L, -1);
+    }
     lua_settop(L, top + 1);
   }
   lua_settop(L, top);
@@ -185,7 +200,9 @@ static void run_handler(lua_State *L, struct rpc_server *s, int idx) {
     refuse_too_large(L, s, "request headers over 16 levels deep or 1024 entries");
     return;
   }
+  int armed = loop_sigint_armed();
   int status = lua_pcall(L, s->wants_request ? 2 : 1, 1, top + 1);
+  if (status != LUA_OK && armed && loop_sigint_fired()) loop_note_interrupt(s->loop);
   int type = lua_type(L, -1);
   int failed = status != LUA_OK || (type != LUA_TSTRING && type != LUA_TNUMBER);
   if (status == LUA_OK && failed) {
@@ -210,40 +227,64 @@ static void run_handler(lua_State *L, struct rpc_server *s, int idx) {
   lua_settop(L, top);
 }
 
+/* Acks the delivery in hand, once: only after its reply went out (or was refused). */
+static void finish_request(struct rpc_server *s) {
+  s->reply_due = 0;
+  if (s->ack_due && s->conn.amqp) conn_ack(&s->conn, s->conn.msg.deliver.delivery_tag);
+  s->ack_due = 0;
+}
+
 /* Checks the delivery in s->conn.msg, runs the handler on it, replies, then acks. A refused
  * request is acked too: it would only come back. */
 static void handle_request(lua_State *L, struct rpc_server *s, int idx) {
   struct rpc_message *m = &s->conn.msg;
   s->stats.requests++;
+  s->ack_due = 1;
   if (has_reply_to(m->props) && !reply_to_allowed(L, s, idx, m->props->reply_to)) {
     char name[80];
     s->stats.refused_reply_to++;
     log_line(L, idx, "rpc.server '%s': refused a request: reply_to '%s' is not allowed (reply_to_allow)",
              s->queue, printable(name, m->props->reply_to));
-  } else if (m->oversized) {
-    const char *what = lua_pushfstring(L, "request body of %I bytes is over max_body (%I)",
-                                       (lua_Integer)m->size, (lua_Integer)s->conn.max_body);
-    refuse_too_large(L, s, what);
-    lua_pop(L, 1);
   } else {
-    run_handler(L, s, idx);
+    s->reply_due = has_reply_to(m->props);
+    if (m->oversized) {
+      const char *what = lua_pushfstring(L, "request body of %I bytes is over max_body (%I)",
+                                         (lua_Integer)m->size, (lua_Integer)s->conn.max_body);
+      refuse_too_large(L, s, what);
+      lua_pop(L, 1);
+    } else {
+      run_handler(L, s, idx);
+    }
   }
-  if (s->conn.amqp) conn_ack(&s->conn, m->deliver.delivery_tag);
+  finish_request(s);
 }
 
 static void server_close(lua_State *L, struct rpc_server *s);
 
-/* Hands a line to opts.log, if set; an error in it is ignored: logging never stops serving. */
+static int log_protected(lua_State *L) {
+  const char *line = lua_touserdata(L, 2);
+  lua_settop(L, 1);
+  lua_pushstring(L, line);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+/* Hands a line to opts.log, if set. Formatted in C and pushed under protection: an error in
+ * it, or no memory for it, never stops serving. */
 static void log_line(lua_State *L, int idx, const char *fmt, ...) {
   if (lua_getiuservalue(L, idx, UV_LOG) != LUA_TFUNCTION) {
     lua_pop(L, 1);
     return;
   }
+  char line[1024];
   va_list ap;
   va_start(ap, fmt);
-  lua_pushvfstring(L, fmt, ap);
+  vsnprintf(line, sizeof line, fmt, ap);
   va_end(ap);
-  lua_pcall(L, 1, 0, 0) == LUA_OK ? (void)0 : lua_pop(L, 1);
+  lua_pushcfunction(L, log_protected);
+  lua_insert(L, -2);
+  lua_pushlightuserdata(L, line);
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) lua_pop(L, 1);
 }
 
 /* The connection is gone: plan the next attempt, backing off exponentially with jitter (half
@@ -256,17 +297,17 @@ static void schedule_retry(lua_State *L, struct rpc_server *s, int idx) {
   s->jitter ^= s->jitter << 5;
   double delay = s->backoff * (0.5 + (double)(s->jitter % 1000) / 1000);
   s->retry_at = rpc_now() + delay;
-  log_line(L, idx, "rpc.server '%s': %s (%s); reconnecting in %f s", s->queue, s->conn.error,
-           s->conn.error_kind, floor(delay * 1000) / 1000);
+  log_line(L, idx, "rpc.server '%s': %s (%s); reconnecting in %.3f s", s->queue, s->conn.error,
+           s->conn.error_kind, delay);
 }
 
-static int declare_and_consume(lua_State *L, struct rpc_server *s, int idx);
+static int declare_and_consume(struct rpc_server *s);
 
 /* One reconnect attempt, from the loop: connect, declare, consume, as at the start. */
 void server_reconnect(lua_State *L, int idx, double limit) {
   struct rpc_server *s = check_server(L, idx);
   s->busy = 1;  /* declare runs no handler, but the loop must not pick it twice */
-  int failed = conn_open(&s->conn, limit) || declare_and_consume(L, s, idx);
+  int failed = conn_open(&s->conn, limit) || declare_and_consume(s);
   s->busy = 0;
   if (failed) {
     schedule_retry(L, s, idx);
@@ -277,22 +318,55 @@ void server_reconnect(lua_State *L, int idx, double limit) {
   log_line(L, idx, "rpc.server '%s': reconnected to %s", s->queue, s->conn.where);
 }
 
-/* Handles at most one request already received by the server at idx, never waiting: the
- * loop then lets every other waiter have its turn. Returns the number handled. */
-int server_service(lua_State *L, int idx) {
-  struct rpc_server *s = check_server(L, idx);
-  int handled = 0;
-  if (!s->conn.amqp) return 0;
-  s->busy = 1;
+/* One read, and the request it completes, if any: under protection (server_service). */
+static int service_step(lua_State *L) {
+  struct rpc_server *s = lua_touserdata(L, 1);
   enum conn_event ev = conn_pump(&s->conn);
   if (ev == EV_DELIVERY) {
-    handle_request(L, s, idx);
-    handled = 1;
+    handle_request(L, s, 1);
   } else if (ev == EV_CANCELLED) {
     conn_lost(&s->conn, "broker", "the broker cancelled the consumer of queue '%s' (was it deleted?)",
               s->queue);
   }
   if (ev != EV_NONE) conn_release_message(&s->conn);  /* EV_NONE: a message may be half read */
+  lua_pushboolean(L, ev == EV_DELIVERY);
+  return 1;
+}
+
+/* Our own work on a request raised (out of memory building its table, say): the request gets
+ * an error reply if one is still due, and is acked, as a handler's error would be; the
+ * message is released. The error, on top, is popped. */
+static void recover(lua_State *L, struct rpc_server *s, int idx) {
+  static const char unknown[] = "rabbitrpc: an error while handling the request";
+  size_t len = sizeof unknown - 1;
+  const char *why = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : unknown;
+  lua_pushvalue(L, -1);
+  lua_setiuservalue(L, idx, UV_LAST_ERROR);  /* keeps why alive */
+  s->stats.errors++;
+  if (s->conn.msg.kind == EV_DELIVERY) {
+    if (s->reply_due && s->conn.amqp) publish_reply(s, why, len, 1, NULL);
+    finish_request(s);
+  }
+  s->reply_due = s->ack_due = 0;
+  conn_release_message(&s->conn);
+  lua_pop(L, 1);
+}
+
+/* Handles at most one request already received by the server at idx, never waiting: the
+ * loop then lets every other waiter have its turn. Returns the number handled. */
+int server_service(lua_State *L, int idx) {
+  struct rpc_server *s = check_server(L, idx);
+  int handled = 1;
+  if (!s->conn.amqp) return 0;
+  s->busy = 1;
+  lua_pushcfunction(L, service_step);
+  lua_pushvalue(L, idx);
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK) {
+    handled = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+  } else {
+    recover(L, s, idx);
+  }
   if (!s->conn.amqp) schedule_retry(L, s, idx);  /* the broker went away: never give up */
   s->busy = 0;
   if (s->close_pending) server_close(L, s);
@@ -301,36 +375,22 @@ int server_service(lua_State *L, int idx) {
 
 /* ---- setting up ---- */
 
-/* opts.bind, checked at creation: {exchange, routing_key, type, durable}, one or a list. The
- * exchange is declared when a type is given; the routing key defaults to the queue's name. */
-static int bind_queue(lua_State *L, struct rpc_server *s, int idx) {
-  if (lua_getiuservalue(L, idx, UV_BIND) != LUA_TTABLE) {
-    lua_pop(L, 1);
-    return 0;
-  }
-  int list = lua_gettop(L), failed = 0;
-  for (lua_Integer i = 1; !failed && lua_rawgeti(L, list, i) == LUA_TTABLE; i++) {
-    int b = lua_gettop(L);
-    size_t len;
-    const char *exchange = (opts_get(L, b, "exchange"), lua_tolstring(L, -1, &len));
-    amqp_bytes_t name = {len, (void *)exchange};
-    const char *key = (opts_get(L, b, "routing_key"), lua_tostring(L, -1));
-    const char *type = (opts_get(L, b, "type"), lua_tostring(L, -1));
-    int durable = opts_get(L, b, "durable") == LUA_TBOOLEAN && lua_toboolean(L, -1);
-    if (type) {
-      amqp_exchange_declare(s->conn.amqp, RPC_CHANNEL, name, amqp_cstring_bytes(type), 0, durable, 0, 0,
-                            amqp_empty_table);
-      failed = conn_check_reply(&s->conn, "declaring the exchange");
+/* opts.bind: the exchange is declared when a type is given; the routing key defaults to the
+ * queue's name (a server-named queue's current one). */
+static int bind_queue(struct rpc_server *s) {
+  for (int i = 0; i < s->n_bindings; i++) {
+    const struct binding *b = &s->bindings[i];
+    amqp_bytes_t name = amqp_cstring_bytes(b->exchange);
+    if (b->type[0]) {
+      amqp_exchange_declare(s->conn.amqp, RPC_CHANNEL, name, amqp_cstring_bytes(b->type), 0, b->durable,
+                            0, 0, amqp_empty_table);
+      if (conn_check_reply(&s->conn, "declaring the exchange")) return -1;
     }
-    if (!failed) {
-      amqp_queue_bind(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->queue), name,
-                      amqp_cstring_bytes(key ? key : s->queue), amqp_empty_table);
-      failed = conn_check_reply(&s->conn, "binding the queue");
-    }
-    lua_settop(L, b - 1);
+    amqp_queue_bind(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->queue), name,
+                    amqp_cstring_bytes(b->has_key ? b->routing_key : s->queue), amqp_empty_table);
+    if (conn_check_reply(&s->conn, "binding the queue")) return -1;
   }
-  lua_settop(L, list - 1);
-  return failed ? -1 : 0;
+  return 0;
 }
 
 static const char *const bind_options[] = {"exchange", "routing_key", "type", "durable", NULL};
@@ -392,29 +452,73 @@ static void push_bindings(lua_State *L, int opts) {
   lua_remove(L, value);
 }
 
-static int declare_and_consume(lua_State *L, struct rpc_server *s, int idx) {
-  amqp_table_t args = amqp_empty_table;
-  amqp_pool_t pool;
-  init_amqp_pool(&pool, 1024);
-  lua_getiuservalue(L, idx, UV_ARGUMENTS);
-  if (lua_istable(L, -1)) table_from_lua(L, lua_gettop(L), 3, &pool, &args);  /* checked already */
+/* Runs no Lua code: what it needs was copied when the server was made. */
+static int declare_and_consume(struct rpc_server *s) {
   amqp_queue_declare_ok_t *ok =
       amqp_queue_declare(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->server_named ? "" : s->queue),
-                         0, s->durable, s->exclusive, s->auto_delete, args);
-  lua_pop(L, 1);
-  empty_amqp_pool(&pool);
+                         0, s->durable, s->exclusive, s->auto_delete, s->args);
   if (conn_check_reply(&s->conn, "declaring the queue")) return -1;
   if (s->server_named && ok) {  /* amq.gen-..., a new one on each connection */
     size_t n = ok->queue.len < sizeof s->queue ? ok->queue.len : sizeof s->queue - 1;
     memcpy(s->queue, ok->queue.bytes, n);
     s->queue[n] = '\0';
   }
-  if (bind_queue(L, s, idx)) return -1;
+  if (bind_queue(s)) return -1;
   amqp_basic_qos(s->conn.amqp, RPC_CHANNEL, 0, (uint16_t)s->prefetch, 0);
   if (conn_check_reply(&s->conn, "setting the prefetch")) return -1;
   amqp_basic_consume(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->queue), amqp_empty_bytes, 0,
                      0, 0, amqp_empty_table);
   return conn_check_reply(&s->conn, "consuming the queue");
+}
+
+/* Points b at a copy of its bytes in pool. */
+static int own_bytes(amqp_pool_t *pool, amqp_bytes_t *b) {
+  if (b->len == 0) {
+    b->bytes = NULL;  /* never read: nothing may point into the user's strings */
+    return 0;
+  }
+  void *copy = amqp_pool_alloc(pool, b->len);
+  if (!copy) return -1;
+  memcpy(copy, b->bytes, b->len);
+  b->bytes = copy;
+  return 0;
+}
+
+/* opts.arguments, checked already, copied into the server's own pool, strings and all: a later
+ * change to the user's table cannot reach the re-declare on a reconnect. (amqp_table_clone
+ * would refuse an empty key, which the broker takes.) */
+static void copy_arguments(lua_State *L, struct rpc_server *s, int opts) {
+  if (opts_get(L, opts, "arguments") == LUA_TTABLE) {
+    table_from_lua(L, lua_gettop(L), opts, &s->args_pool, &s->args);
+    for (int i = 0; i < s->args.num_entries; i++) {
+      amqp_table_entry_t *e = &s->args.entries[i];
+      if (own_bytes(&s->args_pool, &e->key) ||
+          (e->value.kind == AMQP_FIELD_KIND_UTF8 && own_bytes(&s->args_pool, &e->value.value.bytes)))
+        luaL_error(L, "not enough memory");
+    }
+  }
+  lua_pop(L, 1);
+}
+
+/* The checked list push_bindings made (at idx), into C. */
+static void copy_bindings(lua_State *L, struct rpc_server *s, int idx) {
+  int n = (int)lua_rawlen(L, idx);
+  s->bindings = calloc((size_t)n, sizeof *s->bindings);
+  if (!s->bindings) luaL_error(L, "not enough memory");
+  s->n_bindings = n;
+  for (int i = 0; i < n; i++) {
+    struct binding *b = &s->bindings[i];
+    lua_rawgeti(L, idx, i + 1);
+    const char *exchange = (lua_getfield(L, -1, "exchange"), lua_tostring(L, -1));
+    const char *key = (lua_getfield(L, -2, "routing_key"), lua_tostring(L, -1));
+    const char *type = (lua_getfield(L, -3, "type"), lua_tostring(L, -1));
+    b->durable = (lua_getfield(L, -4, "durable"), lua_toboolean(L, -1));
+    b->has_key = key != NULL;
+    snprintf(b->exchange, sizeof b->exchange, "%s", exchange);  /* lengths checked: no cut */
+    snprintf(b->routing_key, sizeof b->routing_key, "%s", key ? key : "");
+    snprintf(b->type, sizeof b->type, "%s", type ? type : "");
+    lua_pop(L, 5);
+  }
 }
 
 static void check_arguments_table(lua_State *L, int opts) {
@@ -432,9 +536,24 @@ static const char *const server_options[] = {
     "url", "urls", "heartbeat", "connect_timeout", "durable", "exclusive", "auto_delete",
     "arguments", "prefetch", "log", "max_body", "tls", "reply_to_allow", "bind", NULL};
 
-/* opts.reply_to_allow (a pattern or a list of them) as {string.find, pattern...}, pushed; nil
- * when absent. string.find is taken from the string metatable, not from a global a script may
- * have replaced. */
+/* Pushes the pattern at idx anchored at both ends, unless it already is: every pattern must
+ * match the whole name, a lazy one too. */
+static void push_anchored(lua_State *L, int idx) {
+  size_t len, escapes = 0;
+  const char *p = lua_tolstring(L, idx, &len);
+  while (len >= 2 + escapes && p[len - 2 - escapes] == '%') escapes++;
+  int anchored_end = len > 0 && p[len - 1] == '$' && escapes % 2 == 0;  /* "%$" is a dollar */
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  if (len == 0 || p[0] != '^') luaL_addchar(&b, '^');
+  luaL_addlstring(&b, p, len);
+  if (!anchored_end) luaL_addchar(&b, '$');
+  luaL_pushresult(&b);
+}
+
+/* opts.reply_to_allow (a pattern or a list of them) as {string.find, name1, anchored1, ...},
+ * pushed; nil when absent. string.find is taken from the string metatable, not from a global a
+ * script may have replaced. */
 static void push_reply_to_allow(lua_State *L, int opts) {
   int t = opts_get(L, opts, "reply_to_allow");
   if (t == LUA_TNIL) return;
@@ -442,7 +561,7 @@ static void push_reply_to_allow(lua_State *L, int opts) {
   if (t != LUA_TSTRING && (t != LUA_TTABLE || lua_rawlen(L, value) == 0))
     luaL_argerror(L, opts, "option 'reply_to_allow' must be a Lua pattern or a non-empty list of them");
   lua_Integer n = t == LUA_TSTRING ? 1 : (lua_Integer)lua_rawlen(L, value);
-  lua_createtable(L, (int)n + 1, 0);
+  lua_createtable(L, (int)(2 * n + 1), 0);
   lua_pushliteral(L, "");
   if (luaL_getmetafield(L, -1, "__index") != LUA_TTABLE || lua_getfield(L, -1, "find") != LUA_TFUNCTION)
     luaL_error(L, "string.find is not available");
@@ -452,12 +571,15 @@ static void push_reply_to_allow(lua_State *L, int opts) {
     if (t == LUA_TSTRING) lua_pushvalue(L, value);
     else if (lua_rawgeti(L, value, i) != LUA_TSTRING)
       luaL_argerror(L, opts, lua_pushfstring(L, "reply_to_allow[%I] must be a string", i));
+    int entry = lua_gettop(L);
     lua_rawgeti(L, value + 1, 1);  /* a malformed pattern is a bad argument now, not a refusal later */
     lua_pushliteral(L, "");
-    lua_pushvalue(L, -3);
+    push_anchored(L, entry);
     if (lua_pcall(L, 2, 0, 0) != LUA_OK)
       luaL_argerror(L, opts, lua_pushfstring(L, "option 'reply_to_allow': %s", lua_tostring(L, -1)));
-    lua_rawseti(L, value + 1, i + 1);
+    push_anchored(L, entry);
+    lua_rawseti(L, value + 1, 2 * i + 1);
+    lua_rawseti(L, value + 1, 2 * i);
   }
   lua_remove(L, value);
 }
@@ -485,9 +607,13 @@ static int server_new(lua_State *L) {
 
   struct rpc_server *s = lua_newuserdatauv(L, sizeof *s, UV_COUNT);
   memset(s, 0, sizeof *s);
-  luaL_setmetatable(L, SERVER_MT);
+  init_amqp_pool(&s->args_pool, 1024);
+  s->args = amqp_empty_table;
+  luaL_setmetatable(L, SERVER_MT);  /* from here on, __gc frees whatever is acquired */
   int idx = lua_gettop(L);
   conn_init(L, &s->conn, 3, SERVER_MAX_BODY);
+  copy_arguments(L, s, 3);
+  if (bind) copy_bindings(L, s, bind);
   memcpy(s->queue, queue, qlen + 1);
   s->prefetch = prefetch;
   s->durable = durable;
@@ -503,8 +629,6 @@ static int server_new(lua_State *L) {
   lua_pushcclosure(L, message_handler, 1);  /* made once, not per request */
   lua_setiuservalue(L, idx, UV_MSGH);
   if (!lua_isnoneornil(L, 3)) {
-    opts_get(L, 3, "arguments");
-    lua_setiuservalue(L, idx, UV_ARGUMENTS);
     opts_get(L, 3, "log");
     lua_setiuservalue(L, idx, UV_LOG);
   }
@@ -513,15 +637,11 @@ static int server_new(lua_State *L) {
     lua_setiuservalue(L, idx, UV_ALLOW);
     s->has_allow = 1;
   }
-  if (bind) {
-    lua_pushvalue(L, bind);
-    lua_setiuservalue(L, idx, UV_BIND);
-  }
   s->server_named = qlen == 0;
   if (s->server_named) s->exclusive = 1;  /* a new name per connection: the old queue must go with it */
   s->jitter = ((uint32_t)((uintptr_t)s >> 4) ^ (uint32_t)(rpc_now() * 1e6)) | 1;  /* never 0 */
   s->open = 1;
-  if (conn_open(&s->conn, s->conn.connect_timeout) || declare_and_consume(L, s, idx)) {
+  if (conn_open(&s->conn, s->conn.connect_timeout) || declare_and_consume(s)) {
     int n = rpc_fail(L, s->conn.error_kind, s->conn.error);
     server_close(L, s);
     return n;
@@ -538,17 +658,27 @@ static int closed(lua_State *L) {
   return rpc_fail(L, "closed", "server closed");
 }
 
+static int run_loop(lua_State *L) {
+  struct rpc_server *s = lua_touserdata(L, 1);
+  while (s->open && !s->stopping && !loop_signalled())
+    loop_wait(L, s->loop, NULL, rpc_now() + RPC_SLICE);
+  return 0;
+}
+
 /* Serves every open server of this Lua state until s is stopped or closed. A lost connection
- * does not end it: the server reconnects, backing off, for as long as it takes. */
+ * does not end it: the server reconnects, backing off, for as long as it takes. The signal
+ * handlers it installs are restored on every way out, a raise included. */
 static int run_server(lua_State *L, int idx) {
   struct rpc_server *s = check_server(L, idx);
   if (!s->open) return closed(L);
   luaL_argcheck(L, !s->busy, idx, "server:run() called from its own handler");
   s->stopping = 0;
+  lua_pushcfunction(L, run_loop);
+  lua_pushvalue(L, idx);
   loop_catch_signals(1);
-  while (s->open && !s->stopping && !loop_signalled())
-    loop_wait(L, s->loop, NULL, rpc_now() + RPC_SLICE);
+  int status = lua_pcall(L, 1, 0, 0);
   loop_catch_signals(0);
+  if (status != LUA_OK) return lua_error(L);
   if (!s->open) return closed(L);
   lua_pushboolean(L, 1);
   return 1;
@@ -593,6 +723,11 @@ static void server_close(lua_State *L, struct rpc_server *s) {
   s->open = 0;
   s->close_pending = 0;
   conn_free(&s->conn);
+  empty_amqp_pool(&s->args_pool);
+  s->args = amqp_empty_table;
+  free(s->bindings);
+  s->bindings = NULL;
+  s->n_bindings = 0;
 }
 
 static int server_close_method(lua_State *L) {

@@ -12,6 +12,7 @@ packages=(
   rabbitmq-server                                   # the private broker (scripts/broker.sh)
   python3-pika                                      # interop specs: the tutorial's Python side
   openssl                                           # TLS specs: test certificates (spec/support/make_certs.sh)
+  strace                                            # limits spec: what the socket options become
 )
 # scripts/deps.sh PACKAGE...: those packages instead (make fuzz: clang and its libFuzzer runtime).
 [ $# = 0 ] || packages=("$@")

@@ -20,7 +20,7 @@ F.URL = assert(os.getenv("RPC_URL"), "RPC_URL")
 F.AMQPS = F.URL:gsub("^amqp:", "amqps:")   -- TLS to a plain AMQP port: the handshake fails fast
 F.TOOL = os.getenv("SPEC_AMQP_TOOL")
 F.KINDS = {}
-for kind in ("timeout no_route remote connection auth closed broker blocked interrupted tls too_large")
+for kind in ("timeout no_route remote connection auth closed broker blocked interrupted tls too_large stale")
     :gmatch("%S+") do
   F.KINDS[kind] = true
 end
