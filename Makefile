@@ -19,6 +19,8 @@ BUSTED = $(LUA) /usr/bin/busted
 
 SRC = $(wildcard csrc/*.c)
 MODULE = build/rpc/core.so
+# test-only (spec/support/oom.c, spec/raise_spec.lua): makes chosen allocations fail
+OOM_MODULE = build/test/oom.so
 
 .PHONY: all deps test demo bench bench-million soak check memcheck broker-start broker-stop clean \
         fuzz fuzz-deps sanitize
@@ -29,6 +31,10 @@ $(MODULE): $(SRC) csrc/rpc.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LIBFLAG) -o $@ $(SRC) $(LIBS)
 
+$(OOM_MODULE): spec/support/oom.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LIBFLAG) -o $@ spec/support/oom.c
+
 deps:
 	@scripts/deps.sh
 
@@ -38,7 +44,7 @@ broker-start: deps
 broker-stop:
 	@$(BROKER) stop
 
-test: deps $(MODULE) broker-start
+test: deps $(MODULE) $(OOM_MODULE) broker-start
 	$(BUSTED) $(BUSTED_ARGS)
 
 demo: deps $(MODULE) broker-start
@@ -126,7 +132,7 @@ $(ASAN_MODULE): $(SRC) csrc/rpc.h
 	@mkdir -p $(dir $@)
 	$(SANITIZE_CC) $(CFLAGS) $(SANITIZE_FLAGS) $(LIBFLAG) -o $@ $(SRC) $(LIBS)
 
-sanitize: deps $(ASAN_MODULE) broker-start
+sanitize: deps $(ASAN_MODULE) $(OOM_MODULE) broker-start
 	@rm -rf build-asan/log && mkdir -p build-asan/log
 	@status=0; env $(SANITIZE_ENV) $(BUSTED) --cpath='build-asan/?.so' $(SANITIZE_SKIP) $(BUSTED_ARGS) || status=$$?; \
 	if [ -n "$$(ls build-asan/log)" ]; then \
