@@ -55,6 +55,25 @@ do  -- rpc.connect: declare, publish, consume, receive, ack, a message kept unre
   assert(conn:declare_queue(q .. "-z", {auto_delete = true}))  -- reconnected
   big:close()
 end
+do  -- sends nobody waits for, swept once past their deadline; arguments and bindings copied into C
+  local sender <close> = assert(rpc.client(q))
+  for _ = 1, 200 do assert(sender:send("unwaited", {timeout = 0.001})) end
+  local t = os.clock() + 0.05
+  repeat until os.clock() > t   -- past every deadline
+  for _ = 1, 200 do assert(sender:send("more", {timeout = 0.001})) end
+  local bound = assert(rpc.server("", function(body) return body end,
+    {arguments = {["x-max-length"] = 100, k = "copied"}, bind = {exchange = q .. "-b", type = "fanout"}}))
+  bound:close()
+end
+do  -- a stale delivery tag after a reconnect of rpc.connect
+  local conn <close> = assert(rpc.connect())
+  local mq = assert(conn:declare_queue(q .. "-stale", {auto_delete = true}))
+  assert(conn:consume(mq))
+  assert(conn:publish("", mq, "m"))
+  local m = assert(conn:receive(5))
+  assert(select(3, conn:ack(m.delivery_tag + (1 << 40))) == "stale")
+  assert(conn:ack(m.delivery_tag))
+end
 server:close()
 rpc.server(q .. "-gc", function() return "" end, {auto_delete = true})  -- left open: freed by lua_close
 print("memcheck: done")
