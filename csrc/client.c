@@ -2,6 +2,7 @@
  * and matches replies to pending calls by correlation id. */
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <uuid/uuid.h>
@@ -12,6 +13,7 @@
 #define UV_OUTCOMES 1  /* a table: replies kept for a later wait, by luaL_ref */
 #define CLIENT_MAX_BODY 134217728  /* RabbitMQ's own default max_message_size: 128 MiB */
 #define SWEEP_MIN 64  /* pending calls before the first sweep for sends nobody waits for */
+#define SWEPT_KEPT 1024  /* ids of swept sends remembered, so that a late wait says timeout */
 
 enum reply_mode { REPLY_DIRECT, REPLY_EXCLUSIVE, REPLY_NAMED };
 
@@ -29,6 +31,8 @@ struct rpc_client {
   char expiration[24];   /* milliseconds, as text */
   struct rpc_pending pending;
   size_t sweep_at;      /* pending calls at which the next publish sweeps expired sends */
+  unsigned char (*swept)[16];  /* a ring of the last SWEPT_KEPT swept ids (NULL until needed) */
+  size_t swept_next;
   amqp_pool_t pool;     /* per-call headers, recycled after each publish */
   int open;
   int reading;          /* a message is in hand: a finalizer must not read past it */
@@ -329,21 +333,27 @@ static void forget_call(lua_State *L, struct rpc_client *c, int idx, struct rpc_
  * since the last sweep keeps it O(1) per call. */
 static void forget_expired(lua_State *L, struct rpc_client *c, int idx) {
   double now = rpc_now();
+  if (!c->swept) c->swept = calloc(SWEPT_KEPT, sizeof *c->swept);  /* none: late waits raise */
   for (size_t i = 0; i < c->pending.cap; i++) {
     struct rpc_call *call = &c->pending.slots[i];
-    while (call->used && !call->waited && call->deadline < now)  /* a removal may shift one in */
+    while (call->used && !call->waited && call->deadline < now) {  /* a removal may shift one in */
+      if (c->swept) memcpy(c->swept[c->swept_next++ % SWEPT_KEPT], call->id, 16);
       forget_call(L, c, idx, call);
+    }
   }
   c->sweep_at = c->pending.count * 2 > SWEEP_MIN ? c->pending.count * 2 : SWEEP_MIN;
 }
 
-/* Waits for call id until deadline, serving this Lua state's servers meanwhile. Ctrl-C ends
- * the wait with "interrupted": lua.c's SIGINT handler only sets a hook, so a hook that appears
- * while we wait means the user pressed it, and the hook then raises "interrupted!" as usual.
- * Inside a running server's handler, run() owns the signals and finishes the request first. */
+static int was_swept(const struct rpc_client *c, const unsigned char id[16]) {
+  for (size_t i = 0; c->swept && i < SWEPT_KEPT; i++)
+    if (memcmp(c->swept[i], id, 16) == 0) return 1;
+  return 0;
+}
+
 static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned char *id,
                     double deadline) {
   lua_Hook hook = lua_gethook(L);
+  unsigned long interrupts = loop_interrupts(c->loop);
   int ready = conn_has_input(&c->conn);  /* else go straight to poll: no recv that must fail */
   for (;;) {
     if (!c->open) return rpc_fail(L, "closed", "client closed while waiting for a reply");
@@ -362,6 +372,11 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
       if (n) return n;
       continue;  /* a finalizer may have closed it; another reply may have settled it */
     }
+    /* Ctrl-C seen here, or taken by a handler this wait ran */
+    if (lua_gethook(L) != hook || loop_interrupts(c->loop) != interrupts) {
+      pending_remove(&c->pending, call);
+      return rpc_fail(L, "interrupted", "interrupted while waiting for a reply");
+    }
     if (rpc_now() >= deadline) {
       double seconds = call->timeout;
       pending_remove(&c->pending, call);
@@ -370,11 +385,6 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
       lua_pushfstring(L, "no reply from queue '%s' within %f s", c->queue, seconds);
       lua_pushliteral(L, "timeout");
       return 3;
-    }
-    /* Ctrl-C seen here, or taken by a handler this wait ran (loop_interrupted) */
-    if (lua_gethook(L) != hook || loop_interrupted(c->loop)) {
-      pending_remove(&c->pending, call);
-      return rpc_fail(L, "interrupted", "interrupted while waiting for a reply");
     }
     ready = loop_wait(L, c->loop, &c->conn, deadline);
   }
@@ -452,7 +462,7 @@ static int ready_to_publish(lua_State *L, struct rpc_client *c, int idx, double 
   /* the broker may have dropped us since the last read (a connection.close on stop_app, a
    * reset, missed heartbeats): read what waits first, so a dead connection is replaced before
    * publishing rather than failing the call */
-  if (conn_readable(&c->conn) && read_replies(L, c, idx, nobody) < 0) return lua_error(L);
+  if (conn_should_read(&c->conn) && read_replies(L, c, idx, nobody) < 0) return lua_error(L);
   if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
   if (!c->conn.amqp && client_connect(c, limit)) return rpc_fail(L, c->conn.error_kind, c->conn.error);
   if (c->conn.blocked[0]) {  /* the broker would not read the request: fail now, not at the timeout */
@@ -504,6 +514,9 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
   double deadline = rpc_now() + r->timeout;
   c->stats.calls++;
   for (int attempt = 1;; attempt++) {
+    /* lost meanwhile (a finalizer's call, a failed attempt): reconnect first */
+    if (!c->conn.amqp && client_connect(c, deadline - rpc_now()))
+      return rpc_fail(L, c->conn.error_kind, c->conn.error);
     stamp_request(L, c, r, id_text);  /* from here to the publish, nothing may run Lua code */
     struct rpc_call *call = pending_add(&c->pending, id);
     if (!call) return luaL_error(L, "not enough memory");
@@ -518,10 +531,8 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
     pending_remove(&c->pending, call);
     fail_all(L, c, idx, c->conn.error_kind, c->conn.error);
     if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
-    double left = deadline - rpc_now();
-    if (attempt > 1 || left <= 0 || client_connect(c, left))
-      return rpc_fail(L, c->conn.error_kind, c->conn.error);
-  }
+    if (attempt > 1 || rpc_now() >= deadline) return rpc_fail(L, c->conn.error_kind, c->conn.error);
+  }  /* the next attempt reconnects, unless a finalizer run by fail_all already did */
 }
 
 /* client:call(body [, timeout [, callopts]]) */
@@ -567,6 +578,11 @@ static int client_wait(lua_State *L) {
   luaL_argcheck(L, pending_parse_id(text, len, id), 2, "not an id returned by send");
   if (!c->open) return rpc_fail(L, "closed", "client closed");
   struct rpc_call *call = pending_find(&c->pending, id);
+  if (!call && was_swept(c, id)) {
+    c->stats.timeouts++;
+    return rpc_fail(L, "timeout", "no wait came within the send's timeout: the request was "
+                    "forgotten (its reply, if any, discarded)");
+  }
   luaL_argcheck(L, call, 2, "unknown id (already waited for, or not sent by this client)");
   luaL_argcheck(L, !call->waited, 2, "this id is already being waited for");
   call->waited = 1;
@@ -646,6 +662,8 @@ static int client_close(lua_State *L) {
   if (!c->open) return 0;
   c->open = 0;
   pending_free(&c->pending);
+  free(c->swept);
+  c->swept = NULL;
   lua_pushnil(L);  /* kept replies go with it */
   lua_setiuservalue(L, 1, UV_OUTCOMES);
   conn_free(&c->conn);

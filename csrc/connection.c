@@ -473,11 +473,14 @@ int conn_has_input(const struct rpc_conn *c) {
   return c->amqp && (amqp_frames_enqueued(c->amqp) || amqp_data_in_buffer(c->amqp));
 }
 
-/* Something to read, buffered or in the socket: data, a hang-up or an error. One poll() with
- * no wait: the check before a publish that sees a connection the broker has just closed. */
-int conn_readable(const struct rpc_conn *c) {
+/* Something to read, buffered or in the socket (data, a hang-up, an error), or a quiet spell:
+ * the check before an operation that sees a connection the broker has just closed. After a
+ * quiet second the read also checks the peer's heartbeats: a silent peer (gone without a
+ * word) is found there, where a publish would wait forever (rmqc#780). One poll() with no
+ * wait otherwise. */
+int conn_should_read(const struct rpc_conn *c) {
   if (!c->amqp) return 0;
-  if (conn_has_input(c)) return 1;
+  if (conn_has_input(c) || rpc_now() - c->last_pumped > RPC_HEARTBEAT_READ) return 1;
   struct pollfd p = {amqp_get_sockfd(c->amqp), POLLIN, 0};
   return poll(&p, 1, 0) != 0;  /* -1 (EINTR): reading finds out */
 }

@@ -14,7 +14,7 @@
 
 struct rpc_loop {
   struct rpc_server *servers;  /* open servers, newest first */
-  int interrupted;             /* loop_note_interrupt */
+  unsigned long interrupts;    /* Ctrl-Cs inline handlers took (loop_note_interrupt) */
 };
 
 static const char LOOP_KEY = 'L';  /* its address keys the loop in the registry */
@@ -26,7 +26,7 @@ struct rpc_loop *loop_get(lua_State *L) {
     lua_pop(L, 1);
     struct rpc_loop *loop = lua_newuserdatauv(L, sizeof *loop, 1);
     loop->servers = NULL;
-    loop->interrupted = 0;
+    loop->interrupts = 0;
     lua_newtable(L);
     lua_setiuservalue(L, -2, 1);
     lua_pushvalue(L, -1);
@@ -196,11 +196,9 @@ int loop_sigint_fired(void) {
 }
 
 void loop_note_interrupt(struct rpc_loop *loop) {
-  loop->interrupted = 1;
+  loop->interrupts++;
 }
 
-int loop_interrupted(struct rpc_loop *loop) {
-  int was = loop->interrupted;
-  loop->interrupted = 0;
-  return was;
+unsigned long loop_interrupts(const struct rpc_loop *loop) {
+  return loop->interrupts;
 }

@@ -274,7 +274,7 @@ static int reconnect(lua_State *L, struct rpc_connection *m) {
 static int ready(lua_State *L, struct rpc_connection *m) {
   if (!m->open) return closed(L);
   int quietly = stateless(m), n;
-  if (conn_readable(&m->conn) && (n = drain(L, m))) {
+  if (conn_should_read(&m->conn) && (n = drain(L, m))) {
     if (!quietly || strcmp(lua_tostring(L, -1), "connection") != 0) return n;
     lua_pop(L, n);
   }
@@ -303,6 +303,7 @@ static int connection_receive(lua_State *L) {
   if (!m->conn.amqp && (n = reconnect(L, m))) return n;
   double deadline = rpc_now() + (timeout > RPC_MAX_TIMEOUT ? RPC_MAX_TIMEOUT * 1000 : timeout);
   lua_Hook hook = lua_gethook(L);
+  unsigned long interrupts = loop_interrupts(m->loop);
   int input = conn_has_input(&m->conn) || timeout == 0;
   for (;;) {
     if (!m->open) return closed(L);
@@ -313,7 +314,7 @@ static int connection_receive(lua_State *L) {
       return rpc_fail(L, "timeout", lua_pushfstring(L, "no message within %f s", timeout));
     /* Ctrl-C (lua.c's hook, here or taken by a handler this wait ran), or SIGINT/SIGTERM caught
      * by a server's run() whose handler waits here */
-    if (lua_gethook(L) != hook || loop_signalled() || loop_interrupted(m->loop))
+    if (lua_gethook(L) != hook || loop_signalled() || loop_interrupts(m->loop) != interrupts)
       return rpc_fail(L, "interrupted", "interrupted while waiting for a message");
     input = loop_wait(L, m->loop, &m->conn, deadline);
   }
@@ -537,18 +538,22 @@ static int connection_publish(lua_State *L) {
   int n = ready(L, m);
   if (n) return n;
   if (m->conn.blocked[0]) return rpc_fail(L, "blocked", m->conn.blocked);
-  if (headers) {  /* from here to the publish, nothing may run Lua code */
-    recycle_amqp_pool(&m->pool);
-    table_from_lua(L, headers, 5, &m->pool, &props.headers);
-    props._flags |= AMQP_BASIC_HEADERS_FLAG;
-  }
   double bound = m->conn.heartbeat ? 2.0 * m->conn.heartbeat : 60;
   amqp_bytes_t message = {len, (void *)body};
-  /* a failed publish never went out whole: a stateless connection tries once more on a new one */
   int retry = stateless(m);
-  if (conn_publish(&m->conn, exchange, key, mandatory, &props, message, bound) &&
-      (!retry || reconnect(L, m) || conn_publish(&m->conn, exchange, key, mandatory, &props, message, bound)))
-    return lost(L, m);
+  for (;;) {
+    if (headers) {  /* from here to the publish, nothing may run Lua code */
+      recycle_amqp_pool(&m->pool);
+      table_from_lua(L, headers, 5, &m->pool, &props.headers);
+      props._flags |= AMQP_BASIC_HEADERS_FLAG;
+    }
+    if (!conn_publish(&m->conn, exchange, key, mandatory, &props, message, bound)) break;
+    /* it never went out whole: a stateless connection tries once more on a new one (whose
+     * set-up may run finalizers that publish: the headers are built again) */
+    if (!retry) return lost(L, m);
+    retry = 0;
+    if ((n = reconnect(L, m))) return n;
+  }
   lua_pushboolean(L, 1);
   return 1;
 }

@@ -99,7 +99,9 @@ void conn_close(struct rpc_conn *c);      /* polite close, then free the connect
 void conn_free(struct rpc_conn *c);       /* conn_close and release everything */
 int conn_fd(const struct rpc_conn *c);
 int conn_has_input(const struct rpc_conn *c);
-int conn_readable(const struct rpc_conn *c);  /* buffered input, or the socket polls readable */
+/* Worth a read before an operation: buffered input, a quiet spell (heartbeats), or a socket that
+ * polls readable */
+int conn_should_read(const struct rpc_conn *c);
 enum conn_event conn_pump(struct rpc_conn *c);
 void conn_release_message(struct rpc_conn *c);
 /* bound: seconds a stalled peer may hold the publish before the connection is dropped */
@@ -153,11 +155,12 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
 void loop_catch_signals(int on);
 int loop_signalled(void);
 /* Ctrl-C taken by a handler a wait ran (lua.c's hook raised "interrupted!" inside it): the
- * handler's server notes it, and the wait that ran it ends "interrupted" (and clears it). */
+ * handler's server counts it, and every wait under way since before it ends "interrupted" (a
+ * wait compares the count with the one it started with: later waits are not affected). */
 void loop_note_interrupt(struct rpc_loop *loop);
+unsigned long loop_interrupts(const struct rpc_loop *loop);
 int loop_sigint_armed(void);  /* before an inline handler: is SIGINT caught by the host? */
 int loop_sigint_fired(void);  /* after it failed: was SIGINT reset to its default since? */
-int loop_interrupted(struct rpc_loop *loop);
 
 /* ---- servers (server.c) ---- */
 struct rpc_conn *server_conn(struct rpc_server *s);

@@ -572,11 +572,15 @@ static void push_reply_to_allow(lua_State *L, int opts) {
     else if (lua_rawgeti(L, value, i) != LUA_TSTRING)
       luaL_argerror(L, opts, lua_pushfstring(L, "reply_to_allow[%I] must be a string", i));
     int entry = lua_gettop(L);
-    lua_rawgeti(L, value + 1, 1);  /* a malformed pattern is a bad argument now, not a refusal later */
-    lua_pushliteral(L, "");
-    push_anchored(L, entry);
-    if (lua_pcall(L, 2, 0, 0) != LUA_OK)
-      luaL_argerror(L, opts, lua_pushfstring(L, "option 'reply_to_allow': %s", lua_tostring(L, -1)));
+    for (int anchored = 0; anchored < 2; anchored++) {  /* a malformed pattern is a bad argument
+                                                          * now, not a refusal later ("a%" too) */
+      lua_rawgeti(L, value + 1, 1);
+      lua_pushliteral(L, "");
+      if (anchored) push_anchored(L, entry);
+      else lua_pushvalue(L, entry);
+      if (lua_pcall(L, 2, 0, 0) != LUA_OK)
+        luaL_argerror(L, opts, lua_pushfstring(L, "option 'reply_to_allow': %s", lua_tostring(L, -1)));
+    }
     push_anchored(L, entry);
     lua_rawseti(L, value + 1, 2 * i + 1);
     lua_rawseti(L, value + 1, 2 * i);

@@ -57,7 +57,7 @@ describe("limits", function()
     end
   end)
 
-  it("a send never waited for is dropped once its deadline passed #slow", function()
+  it("a send never waited for is dropped once its deadline passed: a million of them keeps RSS flat #slow", function()
     local T = H.scope(finally)
     local queue = H.queue("unwaited")
     T:spawn {code = CHILD_KB_SERVER, queue = queue}:wait_ready()
@@ -92,6 +92,22 @@ describe("limits", function()
     assert.is_true(stats.discarded > discarded_before,
       ("no reply was discarded (discarded %d, then %d; replies %d)")
         :format(discarded_before, stats.discarded, stats.replies))
+  end)
+
+  it("a wait that comes after its send was forgotten returns nil, message, 'timeout'", function()
+    local T = H.scope(finally)
+    local queue = H.queue("late")
+    local server = T:server(queue, function(body) return "re:" .. body end, {prefetch = 100})
+    local client = T:client(queue)
+    local first = assert(client:send("m1", {timeout = 0.1}))
+    H.wait_until(function() server:poll(0.05) return server:stats().replies == 1 end, 5, "the reply")
+    H.sleep(0.2)  -- past the send's timeout, nobody waiting
+    for i = 1, 70 do assert(client:send("more " .. i, {timeout = 0.1})) end  -- enough to sweep
+    local reply, message, kind = client:wait(first)
+    assert.is_nil(reply)
+    assert.equal("timeout", kind, message)
+    assert.matches("forgotten", message, 1, true)
+    assert.is_true(client:stats().discarded >= 1)
   end)
 
   it("a short call timeout does not make the shared connection fragile", function()

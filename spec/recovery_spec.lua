@@ -290,4 +290,20 @@ describe("recovery", function()
       wait_count(queue, 2)  -- A and B are both back: nothing was acked, nacked or rejected
     end)
   end)
+
+  it("a call after an idle spell on a peer gone silent ends within its timeout, not in a publish that waits forever (rmqc#780) #slow", function()
+    local T = H.scope(finally)
+    local proxy, port = T:proxy()
+    local queue = H.queue("silent")
+    T:server(queue, function(body) return body end)
+    local client = T:client(queue, {url = H.url_with {port = port}, heartbeat = 1})
+    assert.equal("before", client:call("before", 5))
+    proxy:kill("STOP")  -- the peer stays connected but says nothing: no heartbeats
+    T:defer(function() proxy:kill("CONT") end)
+    H.sleep(3)          -- past two heartbeats without a byte
+    local elapsed, reply, message, kind = H.timed(client.call, client, "during", 2)
+    assert.is_nil(reply)
+    assert.equal("connection", kind, message)
+    assert.is_true(elapsed < 2 + 1, ("took %.3f s with a 2 s timeout"):format(elapsed))
+  end)
 end)
