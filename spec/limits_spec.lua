@@ -64,13 +64,18 @@ describe("limits", function()
     local client = T:client(queue)
     local callopts = {timeout = 0.2}
     local before, discarded_before
+    -- the broker's flow control may hold a publish past its 0.2 s bound (1 s at least), which
+    -- drops the connection (README: a stalled publish is bounded by its timeout); the next send
+    -- reconnects. Rare; anything else fails the spec.
+    local dropped = 0
     local function sends(from, to)
       for i = from, to do
         local id, message, kind = client:send("x", callopts)
-        if not id then
-          error(("send %d: %s (%s); RSS %d kB, %s kB at send 100,000"):format(i, tostring(message),
-            tostring(kind), H.rss_kb(), tostring(before)))
+        if not id and (kind ~= "connection" or dropped >= 20) then
+          error(("send %d: %s (%s); RSS %d kB, %s kB at send 100,000; %d dropped before"):format(i,
+            tostring(message), tostring(kind), H.rss_kb(), tostring(before), dropped))
         end
+        if not id then dropped = dropped + 1 end
       end
     end
     local t0 = H.now()
