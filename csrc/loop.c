@@ -1,6 +1,7 @@
 /* The wait loop: one per Lua state. Whoever waits (a client in call, a server in run or poll)
- * waits here, so every open server of the state is served meanwhile: one process, or one REPL,
- * can define a handler and call it. */
+ * waits here, so everything open in the state is served meanwhile: one process, or one REPL,
+ * can define a handler and call it. The loop sees what it serves only through watch records
+ * (rpc.h): a file descriptor, input already buffered, the next due time, a step. */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
 #include <math.h>
@@ -13,19 +14,19 @@
 #define MAX_POLLED 64
 
 struct rpc_loop {
-  struct rpc_server *servers;  /* open servers, newest first */
+  struct rpc_watch *watches;   /* newest first */
   unsigned long interrupts;    /* Ctrl-Cs inline handlers took (loop_note_interrupt) */
 };
 
 static const char LOOP_KEY = 'L';  /* its address keys the loop in the registry */
 
-/* The loop's user value is a table from server pointer to server userdata: open servers stay
- * alive, as a listening socket would, until they are closed. */
+/* The loop's user value is a table from watch pointer to its object's userdata: what is
+ * watched stays alive, as a listening socket would, until it is closed. */
 struct rpc_loop *loop_get(lua_State *L) {
   if (lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY) == LUA_TNIL) {
     lua_pop(L, 1);
     struct rpc_loop *loop = lua_newuserdatauv(L, sizeof *loop, 1);
-    loop->servers = NULL;
+    loop->watches = NULL;
     loop->interrupts = 0;
     lua_newtable(L);
     lua_setiuservalue(L, -2, 1);
@@ -43,67 +44,56 @@ static void push_anchors(lua_State *L) {
   lua_remove(L, -2);
 }
 
-void loop_add_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *s, int idx) {
+void loop_add(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, int idx) {
   idx = lua_absindex(L, idx);
   push_anchors(L);
   lua_pushvalue(L, idx);
-  lua_rawsetp(L, -2, s);
+  lua_rawsetp(L, -2, w);
   lua_pop(L, 1);
-  server_set_next(s, loop->servers);
-  loop->servers = s;
+  w->next = loop->watches;
+  loop->watches = w;
 }
 
-void loop_remove_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *s) {
-  struct rpc_server *prev = NULL;
-  for (struct rpc_server *it = loop->servers; it; prev = it, it = server_next(it)) {
-    if (it != s) continue;
-    if (prev) server_set_next(prev, server_next(s));
-    else loop->servers = server_next(s);
+void loop_remove(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w) {
+  for (struct rpc_watch **it = &loop->watches; *it; it = &(*it)->next) {
+    if (*it != w) continue;
+    *it = w->next;
     break;
   }
-  server_set_next(s, NULL);
+  w->next = NULL;
   push_anchors(L);
   lua_pushnil(L);
-  lua_rawsetp(L, -2, s);
+  lua_rawsetp(L, -2, w);
   lua_pop(L, 1);
 }
 
-/* Moves s to the end of the list, so a busy server cannot starve the others. */
-static void rotate(struct rpc_loop *loop, struct rpc_server *s) {
-  struct rpc_server *prev = NULL, *it = loop->servers;
-  while (it != s) prev = it, it = server_next(it);
-  if (!server_next(s)) return;
-  if (prev) server_set_next(prev, server_next(s));
-  else loop->servers = server_next(s);
-  for (it = loop->servers; server_next(it); it = server_next(it)) continue;
-  server_set_next(it, s);
-  server_set_next(s, NULL);
+/* Moves w to the end of the list, so a busy one cannot starve the others. */
+static void rotate(struct rpc_loop *loop, struct rpc_watch *w) {
+  if (!w->next) return;
+  struct rpc_watch **it = &loop->watches;
+  while (*it != w) it = &(*it)->next;
+  *it = w->next;
+  while (*it) it = &(*it)->next;
+  *it = w;
+  w->next = NULL;
 }
 
-static void serve_one(lua_State *L, struct rpc_loop *loop, struct rpc_server *s) {
-  rotate(loop, s);
+static void step(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, double limit) {
+  rotate(loop, w);
   push_anchors(L);
-  lua_rawgetp(L, -1, s);
-  server_service(L, lua_gettop(L));
+  lua_rawgetp(L, -1, w);
+  w->ops->step(L, lua_gettop(L), limit);
   lua_pop(L, 2);
 }
 
-/* Serves the first server with input already buffered, or due a read for its heartbeats, or
- * due a reconnect. */
-static int serve_buffered(lua_State *L, struct rpc_loop *loop, double now, double limit) {
-  for (struct rpc_server *s = loop->servers; s; s = server_next(s)) {
-    if (server_due(s, now)) {
-      rotate(loop, s);
-      push_anchors(L);
-      lua_rawgetp(L, -1, s);
-      server_reconnect(L, lua_gettop(L), limit);
-      lua_pop(L, 2);
-      return 1;
-    }
-    if (!server_servable(s)) continue;
-    struct rpc_conn *c = server_conn(s);
-    if (conn_has_input(c) || now - c->last_pumped > RPC_HEARTBEAT_READ) {
-      serve_one(L, loop, s);
+/* Steps the first watch (but own, which its waiter reads) with input already buffered, or
+ * whose due time has come (a read for its heartbeats, a reconnect). */
+static int step_ready(lua_State *L, struct rpc_loop *loop, const struct rpc_conn *own, double now,
+                      double limit) {
+  for (struct rpc_watch *w = loop->watches; w; w = w->next) {
+    if (w->conn == own) continue;
+    if (w->ops->has_input(w) || now >= w->ops->next_due(w)) {
+      step(L, loop, w, limit);
       return 1;
     }
   }
@@ -111,38 +101,41 @@ static int serve_buffered(lua_State *L, struct rpc_loop *loop, double now, doubl
 }
 
 /* One turn of the loop: returns 1 when own may have input (it has, or is due a read, or
- * another server was served meanwhile, which may take long: look again), 0 after waiting
- * until the deadline, at most RPC_SLICE. A served handler may have settled what the caller
- * waits for, or opened and closed anything: callers check, and turn it again. */
+ * something else was stepped meanwhile, which may take long: look again), 0 after waiting
+ * until the deadline, at most RPC_SLICE. A step may have run a handler that settled what the
+ * caller waits for, or opened and closed anything: callers check, and turn it again. */
 int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double deadline) {
   double now = rpc_now();
   /* rabbitmq-c sends and checks heartbeats only inside its calls: have own read often */
   if (own && (conn_has_input(own) || now - own->last_pumped > RPC_HEARTBEAT_READ)) return 1;
   /* a reconnect must not hold a waiting call past its deadline (run() has no real one) */
   double limit = own ? fmax(deadline - now, 0.05) : HUGE_VAL;
-  if (serve_buffered(L, loop, now, limit)) return own != NULL;
+  if (step_ready(L, loop, own, now, limit)) return own != NULL;
 
   struct pollfd fds[MAX_POLLED];
-  struct rpc_server *polled[MAX_POLLED];
+  struct rpc_watch *polled[MAX_POLLED];
   nfds_t n = 0;
+  double until = fmin(deadline, now + RPC_SLICE);
   if (own && conn_fd(own) >= 0) {
     fds[n].fd = conn_fd(own);
     fds[n].events = POLLIN;
     polled[n++] = NULL;
   }
-  for (struct rpc_server *s = loop->servers; s && n < MAX_POLLED; s = server_next(s)) {
-    if (!server_servable(s)) continue;
-    fds[n].fd = conn_fd(server_conn(s));
+  for (struct rpc_watch *w = loop->watches; w; w = w->next) {
+    if (w->conn == own) continue;
+    until = fmin(until, w->ops->next_due(w));
+    int fd = w->ops->pollfd(w);
+    if (fd < 0 || n == MAX_POLLED) continue;
+    fds[n].fd = fd;
     fds[n].events = POLLIN;
-    polled[n++] = s;
+    polled[n++] = w;
   }
   /* poll even past the deadline: bytes may wait in the socket */
-  double wait = fmax(0, fmin(deadline - now, RPC_SLICE));
-  int ready = poll(fds, n, (int)ceil(wait * 1000));
+  int ready = poll(fds, n, (int)ceil(fmax(0, until - now) * 1000));
   for (nfds_t i = 0; ready > 0 && i < n; i++) {
     if (!fds[i].revents) continue;
     if (!polled[i]) return 1;
-    serve_one(L, loop, polled[i]);
+    step(L, loop, polled[i], limit);
     return own != NULL;
   }
   return 0;  /* nothing, or EINTR: the caller looks at its deadline and signals */

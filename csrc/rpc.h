@@ -141,12 +141,29 @@ void pending_remove(struct rpc_pending *p, struct rpc_call *call);
 void pending_free(struct rpc_pending *p);
 int pending_parse_id(const char *text, size_t len, unsigned char id[16]);  /* 1 if well formed */
 
-/* ---- the wait loop (loop.c): one per Lua state, serves its open servers ---- */
-struct rpc_server;
+/* ---- the wait loop (loop.c): one per Lua state, serves what is open in it ---- */
+/* What the loop knows of each thing it serves: one record, embedded in the object. */
+struct rpc_watch;
+struct rpc_watch_ops {
+  int (*pollfd)(const struct rpc_watch *w);       /* the fd to poll for input, or -1: none now */
+  int (*has_input)(const struct rpc_watch *w);    /* input already buffered, which no poll shows */
+  double (*next_due)(const struct rpc_watch *w);  /* when work comes due without input (a read
+                                                   * for heartbeats, a reconnect); HUGE_VAL: none */
+  /* Reads that input or does that work, without waiting; its object's userdata at idx; limit:
+   * seconds a reconnect may take. */
+  void (*step)(lua_State *L, int idx, double limit);
+};
+struct rpc_watch {
+  const struct rpc_watch_ops *ops;
+  const struct rpc_conn *conn;  /* its connection: the loop leaves a waiter's own to it */
+  struct rpc_watch *next;
+};
+
 struct rpc_loop;
 struct rpc_loop *loop_get(lua_State *L);
-void loop_add_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *s, int idx);
-void loop_remove_server(lua_State *L, struct rpc_loop *loop, struct rpc_server *s);
+/* Watches w, keeping the userdata at idx alive until loop_remove. */
+void loop_add(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, int idx);
+void loop_remove(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w);
 /* One turn: 1 when own may have input (or another server was served: look again); 0 at the
  * deadline (waiting at most RPC_SLICE) or on a signal. */
 int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double deadline);
@@ -161,15 +178,6 @@ void loop_note_interrupt(struct rpc_loop *loop);
 unsigned long loop_interrupts(const struct rpc_loop *loop);
 int loop_sigint_armed(void);  /* before an inline handler: is SIGINT caught by the host? */
 int loop_sigint_fired(void);  /* after it failed: was SIGINT reset to its default since? */
-
-/* ---- servers (server.c) ---- */
-struct rpc_conn *server_conn(struct rpc_server *s);
-struct rpc_server *server_next(struct rpc_server *s);
-void server_set_next(struct rpc_server *s, struct rpc_server *next);
-int server_servable(const struct rpc_server *s);
-int server_due(const struct rpc_server *s, double now);  /* down, and its retry time has come */
-void server_reconnect(lua_State *L, int idx, double limit);  /* limit: seconds; runs no Lua but opts.log */
-int server_service(lua_State *L, int idx);
 
 /* ---- Lua types ---- */
 LUAMOD_API int luaopen_rpc_core(lua_State *L);

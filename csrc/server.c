@@ -1,6 +1,7 @@
 /* rpc.server: declares a queue, consumes it with manual acks, runs a Lua handler per request
  * and publishes its reply to the request's reply_to, acking only after the reply is out. */
 #include <math.h>
+#include <stddef.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,7 +27,7 @@ struct binding {    /* opts.bind, copied at creation: redone on every reconnect 
 struct rpc_server {
   struct rpc_conn conn;
   struct rpc_loop *loop;
-  struct rpc_server *next;
+  struct rpc_watch watch;     /* the loop's view of it */
   char queue[256];
   int prefetch, durable, exclusive, auto_delete;
   int server_named;   /* declared as "": a new name on every connection */
@@ -45,12 +46,9 @@ struct rpc_server {
   } stats;
 };
 
-struct rpc_conn *server_conn(struct rpc_server *s) { return &s->conn; }
-struct rpc_server *server_next(struct rpc_server *s) { return s->next; }
-void server_set_next(struct rpc_server *s, struct rpc_server *next) { s->next = next; }
-int server_servable(const struct rpc_server *s) { return s->open && !s->busy && s->conn.amqp; }
-int server_due(const struct rpc_server *s, double now) {
-  return s->open && !s->busy && !s->conn.amqp && now >= s->retry_at;
+/* Can take a request now: open, connected, not inside its own handler. */
+static int servable(const struct rpc_server *s) {
+  return s->open && !s->busy && s->conn.amqp;
 }
 
 static struct rpc_server *check_server(lua_State *L, int idx) {
@@ -304,7 +302,7 @@ static void schedule_retry(lua_State *L, struct rpc_server *s, int idx) {
 static int declare_and_consume(struct rpc_server *s);
 
 /* One reconnect attempt, from the loop: connect, declare, consume, as at the start. */
-void server_reconnect(lua_State *L, int idx, double limit) {
+static void server_reconnect(lua_State *L, int idx, double limit) {
   struct rpc_server *s = check_server(L, idx);
   s->busy = 1;  /* declare runs no handler, but the loop must not pick it twice */
   int failed = conn_open(&s->conn, limit) || declare_and_consume(s);
@@ -354,7 +352,7 @@ static void recover(lua_State *L, struct rpc_server *s, int idx) {
 
 /* Handles at most one request already received by the server at idx, never waiting: the
  * loop then lets every other waiter have its turn. Returns the number handled. */
-int server_service(lua_State *L, int idx) {
+static int server_service(lua_State *L, int idx) {
   struct rpc_server *s = check_server(L, idx);
   int handled = 1;
   if (!s->conn.amqp) return 0;
@@ -372,6 +370,38 @@ int server_service(lua_State *L, int idx) {
   if (s->close_pending) server_close(L, s);
   return handled;
 }
+
+/* ---- the loop's view ---- */
+
+static const struct rpc_server *server_of(const struct rpc_watch *w) {
+  return (const struct rpc_server *)(const void *)((const char *)w - offsetof(struct rpc_server, watch));
+}
+
+static int watch_pollfd(const struct rpc_watch *w) {
+  const struct rpc_server *s = server_of(w);
+  return servable(s) ? conn_fd(&s->conn) : -1;
+}
+
+static int watch_has_input(const struct rpc_watch *w) {
+  const struct rpc_server *s = server_of(w);
+  return servable(s) && conn_has_input(&s->conn);
+}
+
+/* Down: its next reconnect; up: a read for its heartbeats, at least every RPC_HEARTBEAT_READ. */
+static double watch_next_due(const struct rpc_watch *w) {
+  const struct rpc_server *s = server_of(w);
+  if (!s->open || s->busy) return HUGE_VAL;
+  return s->conn.amqp ? s->conn.last_pumped + RPC_HEARTBEAT_READ : s->retry_at;
+}
+
+static void watch_step(lua_State *L, int idx, double limit) {
+  const struct rpc_server *s = check_server(L, idx);
+  if (!s->open || s->busy) return;
+  if (s->conn.amqp) server_service(L, idx);
+  else server_reconnect(L, idx, limit);
+}
+
+static const struct rpc_watch_ops watch_ops = {watch_pollfd, watch_has_input, watch_next_due, watch_step};
 
 /* ---- setting up ---- */
 
@@ -651,7 +681,9 @@ static int server_new(lua_State *L) {
     return n;
   }
   s->loop = loop_get(L);
-  loop_add_server(L, s->loop, s, idx);
+  s->watch.ops = &watch_ops;
+  s->watch.conn = &s->conn;
+  loop_add(L, s->loop, &s->watch, idx);
   lua_pushvalue(L, idx);
   return 1;
 }
@@ -722,7 +754,7 @@ static void server_close(lua_State *L, struct rpc_server *s) {
     s->close_pending = 1;
     return;
   }
-  if (s->loop) loop_remove_server(L, s->loop, s);
+  if (s->loop) loop_remove(L, s->loop, &s->watch);
   s->loop = NULL;
   s->open = 0;
   s->close_pending = 0;
