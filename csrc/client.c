@@ -1,6 +1,7 @@
 /* rpc.client: publishes requests (mandatory, reply_to, a fresh uuid correlation id, expiration)
  * and matches replies to pending calls by correlation id. */
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,7 @@ enum reply_mode { REPLY_DIRECT, REPLY_EXCLUSIVE, REPLY_NAMED };
 struct rpc_client {
   struct rpc_conn conn;
   struct rpc_loop *loop;
+  struct rpc_watch watch;  /* the loop reads its replies while its waiters are suspended */
   char queue[256];      /* the routing key requests are published with */
   char exchange[256];   /* through which: "" is the default exchange */
   enum reply_mode mode;
@@ -86,6 +88,8 @@ static const char *const client_options[] = {"url",     "urls",     "heartbeat",
                                              "timeout", "reply_to", "confirm",   "max_body",
                                              "tls",     "exchange", NULL};
 
+static const struct rpc_watch_ops watch_ops;
+
 /* rpc.client(queue [, opts]): the client, or nil, message, kind. */
 static int client_new(lua_State *L) {
   size_t qlen, rlen;
@@ -128,6 +132,9 @@ static int client_new(lua_State *L) {
   if (client_connect(c, c->conn.connect_timeout))
     return rpc_fail(L, c->conn.error_kind, c->conn.error);  /* __gc frees */
   c->loop = loop_get(L);
+  c->watch.ops = &watch_ops;
+  c->watch.conn = &c->conn;
+  loop_add(L, c->loop, &c->watch, -1, 1);
   return 1;
 }
 
@@ -151,6 +158,7 @@ static void keep(lua_State *L, struct rpc_client *c, int idx, const unsigned cha
     call->ref = ref;
     call->state = state;
     call->kind = kind;
+    if (call->waiter) loop_wake(L, call->waiter);
   } else if (lua_istable(L, -1)) {
     luaL_unref(L, -1, ref);
   }
@@ -350,8 +358,51 @@ static int was_swept(const struct rpc_client *c, const unsigned char id[16]) {
   return 0;
 }
 
+/* One look at call id, waited for in a handler thread until call->wait_deadline: its result
+ * pushed (the count), or 0: wait on. */
+static int look(lua_State *L, struct rpc_client *c, int idx, const unsigned char *id) {
+  if (!c->open) return rpc_fail(L, "closed", "client closed while waiting for a reply");
+  struct rpc_call *call = pending_find(&c->pending, id);
+  if (!call) return luaL_error(L, "rabbitrpc: the call being waited for is gone");
+  if (call->state != CALL_WAITING) return take(L, c, idx, call);
+  if (rpc_now() >= call->wait_deadline) {
+    double seconds = call->timeout;
+    pending_remove(&c->pending, call);
+    c->stats.timeouts++;
+    lua_pushnil(L);
+    lua_pushfstring(L, "no reply from queue '%s' within %f s", c->queue, seconds);
+    lua_pushliteral(L, "timeout");
+    return 3;
+  }
+  call->waiter = L;
+  return 0;
+}
+
+/* In a handler thread: suspends it until the call is settled or its deadline. Its stack
+ * keeps the client at idx and, on top, the id. */
+static int wait_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  int idx = (int)ctx;
+  struct rpc_client *c = lua_touserdata(L, idx);
+  const unsigned char *id = (const unsigned char *)lua_tostring(L, -1);
+  int n = look(L, c, idx, id);
+  if (n) return n;
+  return loop_suspend(L, pending_find(&c->pending, id)->wait_deadline, ctx, wait_k);
+}
+
+static int wait_suspended(lua_State *L, struct rpc_client *c, int idx, const unsigned char *id,
+                          double deadline) {
+  struct rpc_call *call = pending_find(&c->pending, id);
+  if (!call) return luaL_error(L, "rabbitrpc: the call being waited for is gone");
+  call->wait_deadline = deadline;
+  lua_pushlstring(L, (const char *)id, 16);  /* may run a finalizer: wait_k looks everything up */
+  return wait_k(L, LUA_OK, idx);
+}
+
+/* may_suspend: a handler thread's wait suspends it (not call_all's, which waits in a C loop). */
 static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned char *id,
-                    double deadline) {
+                    double deadline, int may_suspend) {
+  if (may_suspend && loop_can_suspend(L)) return wait_suspended(L, c, idx, id, deadline);
   lua_Hook hook = lua_gethook(L);
   unsigned long interrupts = loop_interrupts(c->loop);
   int ready = conn_has_input(&c->conn);  /* else go straight to poll: no recv that must fail */
@@ -360,6 +411,13 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
     struct rpc_call *call = pending_find(&c->pending, id);
     /* never: a waited call is removed only by its waiter (wait() refuses a second one) */
     if (!call) return luaL_error(L, "rabbitrpc: the call being waited for is gone");
+    /* Ctrl-C seen here (it may have come while a handler ran to its end in its own thread,
+     * where lua.c's hook does not reach), or taken by a handler this wait ran */
+    if (lua_gethook(L) != hook || loop_interrupts(c->loop) != interrupts) {
+      if (call->ref != LUA_NOREF) forget_call(L, c, idx, call);
+      else pending_remove(&c->pending, call);
+      return rpc_fail(L, "interrupted", "interrupted while waiting for a reply");
+    }
     if (call->state != CALL_WAITING) return take(L, c, idx, call);  /* settled meanwhile */
     if (ready) {
       ready = 0;
@@ -367,15 +425,11 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
       if (n < 0) {
         call = c->open ? pending_find(&c->pending, id) : NULL;
         if (call) forget_call(L, c, idx, call);
-        return lua_error(L);
+        if (!loop_took_interrupt(L, c->loop)) return lua_error(L);
+        return rpc_fail(L, "interrupted", "interrupted while waiting for a reply");
       }
       if (n) return n;
       continue;  /* a finalizer may have closed it; another reply may have settled it */
-    }
-    /* Ctrl-C seen here, or taken by a handler this wait ran */
-    if (lua_gethook(L) != hook || loop_interrupts(c->loop) != interrupts) {
-      pending_remove(&c->pending, call);
-      return rpc_fail(L, "interrupted", "interrupted while waiting for a reply");
     }
     if (rpc_now() >= deadline) {
       double seconds = call->timeout;
@@ -389,6 +443,36 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
     ready = loop_wait(L, c->loop, &c->conn, deadline);
   }
 }
+
+/* ---- the loop's view: replies read, and heartbeats answered, while others wait ---- */
+
+static const struct rpc_client *client_of(const struct rpc_watch *w) {
+  return (const struct rpc_client *)(const void *)((const char *)w - offsetof(struct rpc_client, watch));
+}
+
+static int watch_pollfd(const struct rpc_watch *w) {
+  const struct rpc_client *c = client_of(w);
+  return c->open && !c->reading ? conn_fd(&c->conn) : -1;
+}
+
+static int watch_has_input(const struct rpc_watch *w) {
+  const struct rpc_client *c = client_of(w);
+  return c->open && !c->reading && conn_has_input(&c->conn);
+}
+
+static double watch_next_due(const struct rpc_watch *w) {
+  const struct rpc_client *c = client_of(w);
+  return c->open && !c->reading && c->conn.amqp ? c->conn.last_pumped + RPC_HEARTBEAT_READ : HUGE_VAL;
+}
+
+static void watch_step(lua_State *L, int idx, double limit) {
+  static const unsigned char nobody[16];
+  (void)limit;  /* a client reconnects in its next call, not here */
+  struct rpc_client *c = lua_touserdata(L, idx);
+  if (c->open && !c->reading && read_replies(L, c, idx, nobody) < 0) lua_pop(L, 1);  /* a reply lost to a raise */
+}
+
+static const struct rpc_watch_ops watch_ops = {watch_pollfd, watch_has_input, watch_next_due, watch_step};
 
 /* ---- publishing ---- */
 
@@ -547,7 +631,7 @@ static int client_call(lua_State *L) {
   char id_text[37];
   int n = ready_to_publish(L, c, 1, r.timeout);
   if (!n) n = publish(L, c, 1, &r, body, len, id, id_text, 1);
-  return n ? n : wait_for(L, c, 1, id, rpc_now() + r.timeout);
+  return n ? n : wait_for(L, c, 1, id, rpc_now() + r.timeout, 1);
 }
 
 /* id = client:send(body [, callopts]): publishes and returns the id to wait for. */
@@ -587,7 +671,7 @@ static int client_wait(lua_State *L) {
   luaL_argcheck(L, !call->waited, 2, "this id is already being waited for");
   call->waited = 1;
   if (timeout > 0) call->timeout = timeout;
-  return wait_for(L, c, 1, id, timeout > 0 ? rpc_now() + timeout : call->deadline);
+  return wait_for(L, c, 1, id, timeout > 0 ? rpc_now() + timeout : call->deadline, 1);
 }
 
 /* Forgets calls ids[from..n): their replies, if any come, are discarded and counted. */
@@ -597,6 +681,37 @@ static void abandon(lua_State *L, struct rpc_client *c, const unsigned char (*id
     struct rpc_call *call = pending_find(&c->pending, ids[i]);
     if (call) forget_call(L, c, 1, call);
   }
+}
+
+/* The requests of one call_all, and where its wait is (a handler thread's resumes there). */
+struct batch {
+  lua_Integer n, sent;
+  double deadline;
+  unsigned char ids[][16];
+};
+
+/* Ends call_all: the replies table (on top), or the failure of request i. */
+static int batch_end(lua_State *L, struct rpc_client *c, struct batch *b, lua_Integer i, int failed) {
+  if (!failed) return 1;
+  abandon(L, c, (const unsigned char (*)[16])b->ids, i + 1, b->sent);
+  lua_pushfstring(L, "request %I of %I: %s", i + 1, b->n, lua_tostring(L, -2));
+  lua_replace(L, -3);
+  return 3;
+}
+
+/* call_all's wait in a handler thread, from request ctx on. Stack: ..., batch, replies. */
+static int batch_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  struct rpc_client *c = lua_touserdata(L, 1);
+  int replies = lua_gettop(L);
+  struct batch *b = lua_touserdata(L, replies - 1);
+  for (lua_Integer i = (lua_Integer)ctx; i < b->n; i++) {
+    int n = look(L, c, 1, b->ids[i]);
+    if (n == 0) return loop_suspend(L, b->deadline, (lua_KContext)i, batch_k);
+    if (n != 1) return batch_end(L, c, b, i, 1);
+    lua_rawseti(L, replies, i + 1);
+  }
+  return 1;
 }
 
 /* replies = client:call_all(bodies [, timeout [, callopts]]): all requests in flight at once,
@@ -628,31 +743,38 @@ static int client_call_all(lua_State *L) {
   }
   int failed = ready_to_publish(L, c, 1, r.timeout);
   if (failed) return failed;
-  unsigned char (*ids)[16] = lua_newuserdatauv(L, sizeof *ids * (size_t)(n ? n : 1), 0);
+  struct batch *b = lua_newuserdatauv(L, sizeof *b + 16 * (size_t)n, 0);
+  b->n = n;
+  b->deadline = rpc_now() + r.timeout;
   char id_text[37];
-  double deadline = rpc_now() + r.timeout;
   lua_Integer i;
   for (i = 0; i < n && !failed; i++) {
     lua_rawgeti(L, 2, i + 1);
     size_t len;
     const char *body = lua_tolstring(L, -1, &len);
-    failed = publish(L, c, 1, &r, body, len, ids[i], id_text, 1);
+    failed = publish(L, c, 1, &r, body, len, b->ids[i], id_text, 1);
     if (!failed) lua_pop(L, 1);
   }
-  lua_Integer sent = i, waited = 0;
-  if (!failed) {
-    lua_createtable(L, (int)n, 0);
-    for (i = 0; i < n && !failed; i++) {
-      failed = wait_for(L, c, 1, ids[i], deadline) != 1;
-      if (!failed) lua_rawseti(L, -2, i + 1);
-    }
-    waited = i;
+  b->sent = i;
+  if (failed) {  /* request i of n could not be published: the ones before it are forgotten */
+    abandon(L, c, (const unsigned char (*)[16])b->ids, 0, b->sent);
+    lua_pushfstring(L, "request %I of %I: %s", i, n, lua_tostring(L, -2));
+    lua_replace(L, -3);
+    return 3;
   }
-  if (!failed) return 1;
-  abandon(L, c, (const unsigned char (*)[16])ids, waited, sent);
-  lua_pushfstring(L, "request %I of %I: %s", i, n, lua_tostring(L, -2));
-  lua_replace(L, -3);
-  return 3;
+  lua_createtable(L, (int)n, 0);
+  if (loop_can_suspend(L)) {
+    for (i = 0; i < n && c->open; i++) {
+      struct rpc_call *call = pending_find(&c->pending, b->ids[i]);
+      if (call) call->wait_deadline = b->deadline;
+    }
+    return batch_k(L, LUA_OK, 0);
+  }
+  for (i = 0; i < n && !failed; i++) {
+    failed = wait_for(L, c, 1, b->ids[i], b->deadline, 0) != 1;
+    if (!failed) lua_rawseti(L, -2, i + 1);
+  }
+  return batch_end(L, c, b, i - 1, failed);
 }
 
 /* ---- the rest ---- */
@@ -661,6 +783,8 @@ static int client_close(lua_State *L) {
   struct rpc_client *c = check_client(L);
   if (!c->open) return 0;
   c->open = 0;
+  if (c->loop) loop_remove(L, c->loop, &c->watch);
+  c->loop = NULL;
   pending_free(&c->pending);
   free(c->swept);
   c->swept = NULL;

@@ -37,6 +37,7 @@ int luaopen_rpc_core(lua_State *L) {
   rpc_client_open(L);
   rpc_server_open(L);
   rpc_messaging_open(L);
+  rpc_loop_open(L);
   lua_pushliteral(L, "rabbitrpc scm");
   lua_setfield(L, -2, "_VERSION");
   return 1;

@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "rpc.h"
 
@@ -20,16 +21,34 @@ struct rpc_loop {
 
 static const char LOOP_KEY = 'L';  /* its address keys the loop in the registry */
 
-/* The loop's user value is a table from watch pointer to its object's userdata: what is
- * watched stays alive, as a listening socket would, until it is closed. */
+/* The loop's user values, tables keyed by pointers (light userdata):
+ * UV_ANCHORS: watch -> its object, kept alive (servers, as a listening socket would be);
+ * UV_WEAK: watch -> its object, not kept alive (clients: collected when dropped);
+ * UV_SUSPENDED: thread -> the thread, while it waits (lua_yieldk) for a wake or its due time;
+ * UV_DUE: thread -> when to resume it (0 once woken);
+ * UV_OWNED: thread -> true for the threads the scheduler runs (requests): those may suspend. */
+enum { UV_ANCHORS = 1, UV_WEAK, UV_SUSPENDED, UV_DUE, UV_OWNED, UV_COUNT = UV_OWNED };
+
+static void push_loop(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
+}
+
 struct rpc_loop *loop_get(lua_State *L) {
   if (lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY) == LUA_TNIL) {
     lua_pop(L, 1);
-    struct rpc_loop *loop = lua_newuserdatauv(L, sizeof *loop, 1);
+    struct rpc_loop *loop = lua_newuserdatauv(L, sizeof *loop, UV_COUNT);
     loop->watches = NULL;
     loop->interrupts = 0;
-    lua_newtable(L);
-    lua_setiuservalue(L, -2, 1);
+    for (int uv = 1; uv <= UV_COUNT; uv++) {
+      lua_newtable(L);
+      if (uv == UV_WEAK) {
+        lua_createtable(L, 0, 1);
+        lua_pushliteral(L, "v");
+        lua_setfield(L, -2, "__mode");
+        lua_setmetatable(L, -2);
+      }
+      lua_setiuservalue(L, -2, uv);
+    }
     lua_pushvalue(L, -1);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
   }
@@ -38,15 +57,15 @@ struct rpc_loop *loop_get(lua_State *L) {
   return loop;
 }
 
-static void push_anchors(lua_State *L) {
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
-  lua_getiuservalue(L, -1, 1);
+static void push_table(lua_State *L, int uv) {
+  push_loop(L);
+  lua_getiuservalue(L, -1, uv);
   lua_remove(L, -2);
 }
 
-void loop_add(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, int idx) {
+void loop_add(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, int idx, int weak) {
   idx = lua_absindex(L, idx);
-  push_anchors(L);
+  push_table(L, weak ? UV_WEAK : UV_ANCHORS);
   lua_pushvalue(L, idx);
   lua_rawsetp(L, -2, w);
   lua_pop(L, 1);
@@ -61,10 +80,124 @@ void loop_remove(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w) {
     break;
   }
   w->next = NULL;
-  push_anchors(L);
-  lua_pushnil(L);
-  lua_rawsetp(L, -2, w);
+  for (int uv = UV_ANCHORS; uv <= UV_WEAK; uv++) {
+    push_table(L, uv);
+    lua_pushnil(L);
+    lua_rawsetp(L, -2, w);
+    lua_pop(L, 1);
+  }
+}
+
+/* Pushes w's object: 0, pushing nil, when it is being collected (a weak one). */
+static int push_object(lua_State *L, const struct rpc_watch *w) {
+  push_table(L, UV_ANCHORS);
+  if (lua_rawgetp(L, -1, w) == LUA_TNIL) {
+    lua_pop(L, 2);
+    push_table(L, UV_WEAK);
+    lua_rawgetp(L, -1, w);
+  }
+  lua_remove(L, -2);
+  return !lua_isnil(L, -1);
+}
+
+/* ---- the scheduler: request threads, suspended in their waits, resumed when woken or due ---- */
+
+void loop_own(lua_State *L, lua_State *T, int owned) {
+  push_table(L, UV_OWNED);
+  if (owned) lua_pushboolean(L, 1);
+  else lua_pushnil(L);
+  lua_rawsetp(L, -2, T);
   lua_pop(L, 1);
+}
+
+int loop_can_suspend(lua_State *L) {
+  if (!lua_isyieldable(L)) return 0;
+  push_table(L, UV_OWNED);
+  int owned = lua_rawgetp(L, -1, L) != LUA_TNIL;
+  lua_pop(L, 2);
+  return owned;
+}
+
+/* Records T as suspended until due; the suspended table keeps it alive. */
+static void record(lua_State *L, lua_State *T, double due) {
+  lua_pushthread(T);
+  lua_xmove(T, L, 1);  /* nothing to move when L is T */
+  push_table(L, UV_SUSPENDED);
+  lua_pushvalue(L, -2);
+  lua_rawsetp(L, -2, T);
+  lua_pop(L, 2);
+  push_table(L, UV_DUE);
+  lua_pushnumber(L, due);
+  lua_rawsetp(L, -2, T);
+  lua_pop(L, 1);
+}
+
+int loop_suspend(lua_State *L, double due, lua_KContext ctx, lua_KFunction k) {
+  record(L, L, due);
+  return lua_yieldk(L, 0, ctx, k);
+}
+
+void loop_wake(lua_State *L, lua_State *T) {
+  push_table(L, UV_DUE);
+  if (lua_rawgetp(L, -1, T) == LUA_TNUMBER) {
+    lua_pushnumber(L, 0);
+    lua_rawsetp(L, -3, T);
+  }
+  lua_pop(L, 2);
+}
+
+/* Resumes T (nargs values on its stack). A thread that yields without suspending itself (a bare
+ * coroutine.yield() in a handler) gives the others a turn: it is due again at once. A thread
+ * that ends, with results or an error (never for a request: its function catches everything),
+ * is left to the collector. */
+void loop_resume(lua_State *L, lua_State *T, int nargs) {
+  int nres = 0;
+  int status = lua_resume(T, L, nargs, &nres);
+  if (status == LUA_YIELD) {
+    lua_pop(T, nres);
+    push_table(L, UV_DUE);
+    int suspended = lua_rawgetp(L, -1, T) != LUA_TNIL;
+    lua_pop(L, 2);
+    if (!suspended) record(L, T, 0);
+  } else if (status == LUA_OK) {
+    lua_pop(T, nres);
+  }
+}
+
+#define RESUME_BATCH 32
+
+/* Resumes the threads whose due time has come (woken ones first: they are due at 0). Returns
+ * how many; *next gets the earliest due time of those still suspended. */
+static int resume_due(lua_State *L, double now, double *next) {
+  lua_State *due[RESUME_BATCH];
+  int n = 0;
+  *next = HUGE_VAL;
+  push_table(L, UV_DUE);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    double at = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    if (at <= now && n < RESUME_BATCH) due[n++] = (lua_State *)lua_touserdata(L, -1);
+    else if (at < *next) *next = at;
+  }
+  lua_pop(L, 1);
+  for (int i = 0; i < n; i++) {
+    push_table(L, UV_DUE);
+    lua_pushnil(L);
+    lua_rawsetp(L, -2, due[i]);
+    lua_pop(L, 1);
+    push_table(L, UV_SUSPENDED);
+    int alive = lua_rawgetp(L, -1, due[i]) == LUA_TTHREAD;
+    lua_pushnil(L);
+    lua_rawsetp(L, -3, due[i]);
+    if (alive) {
+      lua_State *T = lua_tothread(L, -1);
+      loop_resume(L, T, 0);  /* the thread value stays on L's stack meanwhile: alive */
+    }
+    lua_pop(L, 2);
+  }
+  if (n == RESUME_BATCH) *next = now;  /* more are due: look again at once */
+  return n;
 }
 
 /* Moves w to the end of the list, so a busy one cannot starve the others. */
@@ -80,10 +213,8 @@ static void rotate(struct rpc_loop *loop, struct rpc_watch *w) {
 
 static void step(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, double limit) {
   rotate(loop, w);
-  push_anchors(L);
-  lua_rawgetp(L, -1, w);
-  w->ops->step(L, lua_gettop(L), limit);
-  lua_pop(L, 2);
+  if (push_object(L, w)) w->ops->step(L, lua_gettop(L), limit);
+  lua_pop(L, 1);
 }
 
 /* Steps the first watch (but own, which its waiter reads) with input already buffered, or
@@ -110,12 +241,14 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
   if (own && (conn_has_input(own) || now - own->last_pumped > RPC_HEARTBEAT_READ)) return 1;
   /* a reconnect must not hold a waiting call past its deadline (run() has no real one) */
   double limit = own ? fmax(deadline - now, 0.05) : HUGE_VAL;
-  if (step_ready(L, loop, own, now, limit)) return own != NULL;
+  int stepped = step_ready(L, loop, own, now, limit);  /* input first: new requests start */
+  double wake;  /* the earliest due time of a suspended thread */
+  if (resume_due(L, rpc_now(), &wake) || stepped) return own != NULL;
 
   struct pollfd fds[MAX_POLLED];
   struct rpc_watch *polled[MAX_POLLED];
   nfds_t n = 0;
-  double until = fmin(deadline, now + RPC_SLICE);
+  double until = fmin(fmin(deadline, now + RPC_SLICE), wake);
   if (own && conn_fd(own) >= 0) {
     fds[n].fd = conn_fd(own);
     fds[n].events = POLLIN;
@@ -141,15 +274,49 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
   return 0;  /* nothing, or EINTR: the caller looks at its deadline and signals */
 }
 
+/* rpc.sleep(seconds): in a handler, suspends only it; elsewhere, serves the state meanwhile. */
+static int sleep_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  (void)ctx;
+  double due = lua_tonumber(L, 1);
+  if (rpc_now() >= due) return 0;
+  return loop_suspend(L, due, 0, sleep_k);  /* woken early: sleep on */
+}
+
+static int loop_sleep(lua_State *L) {
+  double seconds = luaL_checknumber(L, 1);
+  luaL_argcheck(L, seconds >= 0 && seconds <= RPC_MAX_TIMEOUT, 1,
+                "seconds must be a number from 0 to 1e6");
+  double due = rpc_now() + seconds;
+  lua_settop(L, 0);
+  lua_pushnumber(L, due);
+  if (loop_can_suspend(L)) return sleep_k(L, LUA_OK, 0);
+  struct rpc_loop *loop = loop_get(L);
+  while (rpc_now() < due && !loop_signalled()) loop_wait(L, loop, NULL, due);
+  return 0;
+}
+
+int rpc_loop_open(lua_State *L) {
+  lua_pushcfunction(L, loop_sleep);
+  lua_setfield(L, -2, "sleep");
+  return 0;
+}
+
 /* SIGINT/SIGTERM only set a flag while a server runs; run() notices within one slice. This is
  * the one process-wide state: a signal handler has no Lua state to write to. Nested runs (a
  * handler that runs another server) install the handlers once. */
 static volatile sig_atomic_t signalled;  /* the signal's number */
+static volatile sig_atomic_t signals;    /* how many came: a second one ends a drain */
 static int catching;
 static struct sigaction saved_int, saved_term;
 
 static void on_signal(int sig) {
   signalled = sig;
+  signals++;
+}
+
+int loop_signals(void) {
+  return signals;
 }
 
 void loop_catch_signals(int on) {
@@ -186,6 +353,20 @@ int loop_sigint_armed(void) {
 int loop_sigint_fired(void) {
   struct sigaction sa;
   return sigaction(SIGINT, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL;
+}
+
+/* The error on top, caught by one of our own protected calls, is lua.c's "interrupted!": its
+ * hook fires at call and return events too, so it can land in our lua_pcall of a C function.
+ * Counted as a Ctrl-C taken (loop_note_interrupt); 1 if so. */
+int loop_took_interrupt(lua_State *L, struct rpc_loop *loop) {
+  static const char interrupted[] = "interrupted!";
+  size_t len;
+  const char *e = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+  if (!e || len < sizeof interrupted - 1 || strcmp(e + len - (sizeof interrupted - 1), interrupted) != 0 ||
+      !loop || !loop_sigint_fired())
+    return 0;
+  loop_note_interrupt(loop);
+  return 1;
 }
 
 void loop_note_interrupt(struct rpc_loop *loop) {

@@ -18,6 +18,7 @@
 #define RPC_MAX_TIMEOUT 1e6     /* seconds; keeps expiration and deadlines far from overflow */
 #define RPC_SLICE 0.2           /* longest sleep between checks for signals and deadlines */
 #define RPC_HEARTBEAT_READ 1.0  /* read every connection at least this often (heartbeats) */
+#define RPC_DRAIN 30.0          /* seconds run() lets requests in progress finish after a signal */
 #define RPC_DIRECT_REPLY_TO "amq.rabbitmq.reply-to"
 #define RPC_ERROR_HEADER "x-rpc-error"
 #define RPC_ERROR_KIND_HEADER "x-rpc-error-kind"  /* set only for kinds a client maps: too_large */
@@ -125,6 +126,8 @@ struct rpc_call {
   const char *kind;             /* CALL_FAILED only */
   int ref;                      /* the reply or failure text, kept for its waiter (LUA_NOREF) */
   int waited;                   /* a wait() is under way on it */
+  lua_State *waiter;            /* the handler thread suspended in that wait, to wake; or NULL */
+  double wait_deadline;         /* when that wait ends */
   double timeout, deadline;     /* of send(): wait()'s defaults; the timeout is for messages */
   uint64_t seq;                 /* its publish's number, for publisher confirms */
 };
@@ -161,9 +164,18 @@ struct rpc_watch {
 
 struct rpc_loop;
 struct rpc_loop *loop_get(lua_State *L);
-/* Watches w, keeping the userdata at idx alive until loop_remove. */
-void loop_add(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, int idx);
+/* Watches w, the userdata at idx: kept alive until loop_remove, unless weak. */
+void loop_add(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, int idx, int weak);
 void loop_remove(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w);
+/* The scheduler. A request's handler runs in its own thread T, which the server owns
+ * (loop_own); a wait in it (loop_can_suspend) suspends T until loop_wake or its due time,
+ * with lua_yieldk and continuation k, and the loop resumes it (loop_resume). A wait anywhere
+ * else turns the loop, which resumes the threads that are due meanwhile. */
+void loop_own(lua_State *L, lua_State *T, int owned);
+int loop_can_suspend(lua_State *L);
+int loop_suspend(lua_State *L, double due, lua_KContext ctx, lua_KFunction k);  /* yields */
+void loop_wake(lua_State *L, lua_State *T);
+void loop_resume(lua_State *L, lua_State *T, int nargs);
 /* One turn: 1 when own may have input (or another server was served: look again); 0 at the
  * deadline (waiting at most RPC_SLICE) or on a signal. */
 int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double deadline);
@@ -171,6 +183,7 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
  * the handlers once. */
 void loop_catch_signals(int on);
 int loop_signalled(void);
+int loop_signals(void);  /* signals caught so far */
 /* Ctrl-C taken by a handler a wait ran (lua.c's hook raised "interrupted!" inside it): the
  * handler's server counts it, and every wait under way since before it ends "interrupted" (a
  * wait compares the count with the one it started with: later waits are not affected). */
@@ -178,11 +191,13 @@ void loop_note_interrupt(struct rpc_loop *loop);
 unsigned long loop_interrupts(const struct rpc_loop *loop);
 int loop_sigint_armed(void);  /* before an inline handler: is SIGINT caught by the host? */
 int loop_sigint_fired(void);  /* after it failed: was SIGINT reset to its default since? */
+int loop_took_interrupt(lua_State *L, struct rpc_loop *loop);  /* the error on top is a Ctrl-C */
 
 /* ---- Lua types ---- */
 LUAMOD_API int luaopen_rpc_core(lua_State *L);
 int rpc_client_open(lua_State *L);
 int rpc_server_open(lua_State *L);
 int rpc_messaging_open(lua_State *L);
+int rpc_loop_open(lua_State *L);  /* rpc.sleep */
 
 #endif

@@ -17,7 +17,19 @@
 #define MAX_RETRY 30.0         /* the backoff doubles up to this */
 
 /* user values */
-enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_COUNT = UV_ALLOW };
+enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_REQUESTS, UV_COUNT = UV_REQUESTS };
+/* UV_REQUESTS: thread -> true for the handler threads under way (they anchor themselves) */
+
+/* What a request's reply and ack need, copied from the delivery: its handler may run on after
+ * the message is released (it waits, suspended, while the server takes the next ones). */
+struct request {
+  uint64_t tag;
+  unsigned long generation;   /* of the connection it came on: its tag means nothing on another */
+  int reply_due, ack_due;     /* what is still to do for it */
+  int has_correlation_id;
+  size_t reply_to_len, correlation_id_len;
+  char reply_to[256], correlation_id[256];  /* shortstrs */
+};
 
 struct binding {    /* opts.bind, copied at creation: redone on every reconnect */
   char exchange[256], routing_key[256], type[8];  /* type "": the exchange is not declared */
@@ -33,7 +45,12 @@ struct rpc_server {
   int server_named;   /* declared as "": a new name on every connection */
   int wants_request;  /* the handler declares a second parameter */
   int open, busy, stopping, close_pending;
-  int reply_due, ack_due;     /* of the delivery in hand: what a raise must still do */
+  struct request in_hand;     /* the delivery being read, until a handler thread takes it over */
+  int draining;               /* run() had a signal: no new request starts, those under way end */
+  int cancelled;              /* its consumer, by that drain: the next run() consumes again */
+  char consumer_tag[256];
+  unsigned long generation;   /* connections made before this one */
+  lua_Integer in_progress;    /* handler threads under way */
   amqp_pool_t args_pool;      /* opts.arguments, copied at creation, and its strings */
   amqp_table_t args;
   struct binding *bindings;
@@ -99,17 +116,18 @@ static int push_request(lua_State *L, const struct rpc_message *m) {
   return 1;
 }
 
-/* failed: the reply is an error message; kind, if not NULL, the x-rpc-error-kind a client maps */
-static int publish_reply(struct rpc_server *s, const char *reply, size_t len, int failed,
-                         const char *kind) {
-  const amqp_basic_properties_t *req = s->conn.msg.props;
-  s->reply_due = 0;
+/* Replies to r: failed, the reply is an error message; kind, if not NULL, the x-rpc-error-kind
+ * a client maps. Runs no Lua code. */
+static int publish_reply(struct rpc_server *s, struct request *r, const char *reply, size_t len,
+                         int failed, const char *kind) {
+  r->reply_due = 0;
+  if (!s->open || !s->conn.amqp) return -1;  /* the request goes back to the queue */
   amqp_basic_properties_t props;
   amqp_table_entry_t error[2];
   props._flags = 0;
-  if (req->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) {
+  if (r->has_correlation_id) {
     props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
-    props.correlation_id = req->correlation_id;
+    props.correlation_id = (amqp_bytes_t){r->correlation_id_len, r->correlation_id};
   }
   if (failed) {
     error[0].key = amqp_cstring_bytes(RPC_ERROR_HEADER);
@@ -124,15 +142,41 @@ static int publish_reply(struct rpc_server *s, const char *reply, size_t len, in
     props.headers.entries = error;
   }
   amqp_bytes_t body = {len, (void *)reply};
+  amqp_bytes_t reply_to = {r->reply_to_len, r->reply_to};
   /* a reply may wait on a stalled peer as long as heartbeats would take to notice it */
   double bound = s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60;
-  if (conn_publish(&s->conn, amqp_empty_bytes, req->reply_to, 0, &props, body, bound)) return -1;
+  if (conn_publish(&s->conn, amqp_empty_bytes, reply_to, 0, &props, body, bound)) return -1;
   s->stats.replies++;
   return 0;
 }
 
+/* Acks r, once: only after its reply went out (or was refused), and only on the connection
+ * it came on (the broker has requeued it otherwise). */
+static void ack_request(struct rpc_server *s, struct request *r) {
+  r->reply_due = 0;
+  if (r->ack_due && s->open && s->conn.amqp && r->generation == s->generation)
+    conn_ack(&s->conn, r->tag);
+  r->ack_due = 0;
+}
+
 static int has_reply_to(const amqp_basic_properties_t *p) {
   return (p->_flags & AMQP_BASIC_REPLY_TO_FLAG) && p->reply_to.len > 0;
+}
+
+/* The delivery in s->conn.msg, as s->in_hand. */
+static void take_in_hand(struct rpc_server *s) {
+  const struct rpc_message *m = &s->conn.msg;
+  const amqp_basic_properties_t *p = m->props;
+  struct request *r = &s->in_hand;
+  r->tag = m->deliver.delivery_tag;
+  r->generation = s->generation;
+  r->ack_due = 1;
+  r->reply_due = 0;
+  r->reply_to_len = has_reply_to(p) ? p->reply_to.len : 0;
+  memcpy(r->reply_to, p->reply_to.bytes, r->reply_to_len);
+  r->has_correlation_id = (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) != 0;
+  r->correlation_id_len = r->has_correlation_id ? p->correlation_id.len : 0;
+  memcpy(r->correlation_id, p->correlation_id.bytes, r->correlation_id_len);
 }
 
 static void log_line(lua_State *L, int idx, const char *fmt, ...);
@@ -179,17 +223,96 @@ static const char *printable(char out[80], amqp_bytes_t b) {
 
 /* Refuses the request in hand with an error reply of kind "too_large"; the handler never runs. */
 static void refuse_too_large(lua_State *L, struct rpc_server *s, const char *what) {
-  const struct rpc_message *m = &s->conn.msg;
   s->stats.too_large++;
   const char *text = lua_pushfstring(L, "%s (request refused by queue '%s')", what, s->queue);
-  if (has_reply_to(m->props)) publish_reply(s, text, strlen(text), 1, "too_large");
+  if (s->in_hand.reply_due) publish_reply(s, &s->in_hand, text, strlen(text), 1, "too_large");
   lua_pop(L, 1);
 }
 
-/* Runs the handler and replies with its result, or its error. */
-static void run_handler(lua_State *L, struct rpc_server *s, int idx) {
-  struct rpc_message *m = &s->conn.msg;
+/* The reply for a handler's outcome (arguments: server, value, ok): text, failed, kind. */
+static int reply_text(lua_State *L) {
+  struct rpc_server *s = lua_touserdata(L, 1);
+  int ok = lua_toboolean(L, 3), type = lua_type(L, 2);
+  int failed = !ok || (type != LUA_TSTRING && type != LUA_TNUMBER);
+  if (ok && failed) {
+    lua_pushfstring(L, "handler returned %s (a string or number expected)", luaL_typename(L, 2));
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, 1, UV_LAST_ERROR);
+    lua_replace(L, 2);
+  }
+  if (failed) s->stats.errors++;
+  size_t len;
+  lua_tolstring(L, 2, &len);  /* a number becomes its text (allocating: hence protected) */
+  if (len > s->conn.max_body) {  /* the broker may refuse it, and cost us the connection */
+    lua_pushfstring(L, "the handler's reply of %I bytes is over max_body (%I)", (lua_Integer)len,
+                    (lua_Integer)s->conn.max_body);
+    lua_replace(L, 2);
+    s->stats.too_large++;
+    lua_pushvalue(L, 2);
+    lua_pushboolean(L, 1);
+    lua_pushliteral(L, "too_large");
+    return 3;
+  }
+  lua_pushvalue(L, 2);
+  lua_pushboolean(L, failed);
+  lua_pushnil(L);
+  return 3;
+}
+
+/* The end of a handler thread (request_main's continuation, or its return): the reply, the
+ * ack, and the thread's anchors released. Stack: 1 request, 2 message handler, 3 the handler's
+ * result or error. Whatever raises is protected: the request is always answered and acked. */
+static int request_done(lua_State *T, int status, lua_KContext armed) {
+  struct request *r = lua_touserdata(T, 1);
+  lua_settop(T, 3);
+  lua_getiuservalue(T, 1, 1);  /* 4: the server */
+  struct rpc_server *s = lua_touserdata(T, 4);
+  int ok = status == LUA_OK || status == LUA_YIELD;
+  if (!ok && armed && s->loop && loop_sigint_fired()) loop_note_interrupt(s->loop);
+  lua_pushcfunction(T, reply_text);
+  lua_pushvalue(T, 4);
+  lua_pushvalue(T, 3);
+  lua_pushboolean(T, ok);
+  size_t len = 0;
+  const char *reply = "rabbitrpc: not enough memory for the reply", *kind = NULL;
+  int failed = 1;
+  if (lua_pcall(T, 3, 3, 0) == LUA_OK) {
+    reply = lua_tolstring(T, 5, &len);
+    failed = lua_toboolean(T, 6);
+    kind = lua_tostring(T, 7);
+  } else {
+    len = strlen(reply);
+  }
+  if (r->reply_due) publish_reply(s, r, reply, len, failed, kind);
+  else if (!r->reply_to_len) s->stats.no_reply_to++;
+  ack_request(s, r);
+  s->in_progress--;
+  lua_getiuservalue(T, 4, UV_REQUESTS);
+  lua_pushthread(T);
+  lua_pushnil(T);
+  lua_rawset(T, -3);
+  loop_own(T, T, 0);
+  return 0;
+}
+
+/* A handler thread's function: 1 request, 2 message handler, 3 handler, then its arguments. */
+static int request_main(lua_State *T) {
+  int armed = loop_sigint_armed();
+  int status = lua_pcallk(T, lua_gettop(T) - 3, 1, 2, armed, request_done);
+  return request_done(T, status, armed);
+}
+
+/* Runs the handler on the request in hand in a thread of its own: it replies and acks when it
+ * ends, which may be after waits that suspend it while the server takes the next requests. */
+static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
+  const struct rpc_message *m = &s->conn.msg;
   int top = lua_gettop(L);
+  lua_State *T = lua_newthread(L);
+  lua_pushcfunction(L, request_main);
+  struct request *r = lua_newuserdatauv(L, sizeof *r, 1);
+  *r = s->in_hand;
+  lua_pushvalue(L, idx);
+  lua_setiuservalue(L, -2, 1);
   lua_getiuservalue(L, idx, UV_MSGH);
   lua_getiuservalue(L, idx, UV_HANDLER);
   lua_pushlstring(L, m->body, m->size);
@@ -198,63 +321,48 @@ static void run_handler(lua_State *L, struct rpc_server *s, int idx) {
     refuse_too_large(L, s, "request headers over 16 levels deep or 1024 entries");
     return;
   }
-  int armed = loop_sigint_armed();
-  int status = lua_pcall(L, s->wants_request ? 2 : 1, 1, top + 1);
-  if (status != LUA_OK && armed && loop_sigint_fired()) loop_note_interrupt(s->loop);
-  int type = lua_type(L, -1);
-  int failed = status != LUA_OK || (type != LUA_TSTRING && type != LUA_TNUMBER);
-  if (status == LUA_OK && failed) {
-    lua_pushfstring(L, "handler returned %s (a string or number expected)", luaL_typename(L, -1));
-    lua_pushvalue(L, -1);
-    lua_setiuservalue(L, idx, UV_LAST_ERROR);
-  }
-  if (failed) s->stats.errors++;
-  size_t len;
-  const char *reply = lua_tolstring(L, -1, &len);
-  const char *kind = NULL;
-  if (len > s->conn.max_body) {  /* the broker may refuse it, and cost us the connection */
-    reply = lua_pushfstring(L, "the handler's reply of %I bytes is over max_body (%I)",
-                            (lua_Integer)len, (lua_Integer)s->conn.max_body);
-    len = strlen(reply);
-    failed = 1;
-    kind = "too_large";
-    s->stats.too_large++;
-  }
-  if (has_reply_to(m->props)) publish_reply(s, reply, len, failed, kind);
-  else s->stats.no_reply_to++;
+  int nargs = lua_gettop(L) - (top + 2);  /* request, msgh, handler and the handler's arguments */
+  lua_getiuservalue(L, idx, UV_REQUESTS);
+  lua_pushvalue(L, top + 1);
+  lua_pushboolean(L, 1);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+  loop_own(L, T, 1);
+  s->in_hand.reply_due = s->in_hand.ack_due = 0;  /* the thread's now */
+  s->in_progress++;
+  lua_xmove(L, T, nargs + 1);
+  loop_resume(L, T, nargs);
   lua_settop(L, top);
 }
 
-/* Acks the delivery in hand, once: only after its reply went out (or was refused). */
-static void finish_request(struct rpc_server *s) {
-  s->reply_due = 0;
-  if (s->ack_due && s->conn.amqp) conn_ack(&s->conn, s->conn.msg.deliver.delivery_tag);
-  s->ack_due = 0;
-}
-
-/* Checks the delivery in s->conn.msg, runs the handler on it, replies, then acks. A refused
- * request is acked too: it would only come back. */
+/* Checks the delivery in s->conn.msg and starts its handler; a refused request is answered
+ * and acked at once: it would only come back. */
 static void handle_request(lua_State *L, struct rpc_server *s, int idx) {
   struct rpc_message *m = &s->conn.msg;
+  take_in_hand(s);
+  if (s->draining) {  /* read after the consumer was cancelled: back to the queue, for another */
+    amqp_basic_reject(s->conn.amqp, RPC_CHANNEL, s->in_hand.tag, 1);
+    s->in_hand.ack_due = 0;
+    return;
+  }
   s->stats.requests++;
-  s->ack_due = 1;
   if (has_reply_to(m->props) && !reply_to_allowed(L, s, idx, m->props->reply_to)) {
     char name[80];
     s->stats.refused_reply_to++;
     log_line(L, idx, "rpc.server '%s': refused a request: reply_to '%s' is not allowed (reply_to_allow)",
              s->queue, printable(name, m->props->reply_to));
   } else {
-    s->reply_due = has_reply_to(m->props);
+    s->in_hand.reply_due = has_reply_to(m->props);
     if (m->oversized) {
       const char *what = lua_pushfstring(L, "request body of %I bytes is over max_body (%I)",
                                          (lua_Integer)m->size, (lua_Integer)s->conn.max_body);
       refuse_too_large(L, s, what);
       lua_pop(L, 1);
     } else {
-      run_handler(L, s, idx);
+      start_handler(L, s, idx);
     }
   }
-  finish_request(s);
+  ack_request(s, &s->in_hand);
 }
 
 static void server_close(lua_State *L, struct rpc_server *s);
@@ -312,6 +420,7 @@ static void server_reconnect(lua_State *L, int idx, double limit) {
     return;
   }
   s->backoff = 0;
+  s->generation++;
   s->stats.reconnects++;
   log_line(L, idx, "rpc.server '%s': reconnected to %s", s->queue, s->conn.where);
 }
@@ -338,14 +447,19 @@ static void recover(lua_State *L, struct rpc_server *s, int idx) {
   static const char unknown[] = "rabbitrpc: an error while handling the request";
   size_t len = sizeof unknown - 1;
   const char *why = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : unknown;
+  if (loop_took_interrupt(L, s->loop)) {  /* a Ctrl-C, for the wait that runs us: not ours */
+    conn_release_message(&s->conn);
+    lua_pop(L, 1);
+    return;
+  }
   lua_pushvalue(L, -1);
   lua_setiuservalue(L, idx, UV_LAST_ERROR);  /* keeps why alive */
   s->stats.errors++;
   if (s->conn.msg.kind == EV_DELIVERY) {
-    if (s->reply_due && s->conn.amqp) publish_reply(s, why, len, 1, NULL);
-    finish_request(s);
+    if (s->in_hand.reply_due) publish_reply(s, &s->in_hand, why, len, 1, NULL);
+    ack_request(s, &s->in_hand);
   }
-  s->reply_due = s->ack_due = 0;
+  s->in_hand.reply_due = s->in_hand.ack_due = 0;
   conn_release_message(&s->conn);
   lua_pop(L, 1);
 }
@@ -482,6 +596,15 @@ static void push_bindings(lua_State *L, int opts) {
   lua_remove(L, value);
 }
 
+static int consume(struct rpc_server *s) {
+  amqp_basic_consume_ok_t *ok = amqp_basic_consume(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->queue),
+                                                   amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
+  if (conn_check_reply(&s->conn, "consuming the queue")) return -1;
+  snprintf(s->consumer_tag, sizeof s->consumer_tag, "%.*s", ok ? (int)ok->consumer_tag.len : 0,
+           ok ? (const char *)ok->consumer_tag.bytes : "");
+  return 0;
+}
+
 /* Runs no Lua code: what it needs was copied when the server was made. */
 static int declare_and_consume(struct rpc_server *s) {
   amqp_queue_declare_ok_t *ok =
@@ -496,9 +619,8 @@ static int declare_and_consume(struct rpc_server *s) {
   if (bind_queue(s)) return -1;
   amqp_basic_qos(s->conn.amqp, RPC_CHANNEL, 0, (uint16_t)s->prefetch, 0);
   if (conn_check_reply(&s->conn, "setting the prefetch")) return -1;
-  amqp_basic_consume(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->queue), amqp_empty_bytes, 0,
-                     0, 0, amqp_empty_table);
-  return conn_check_reply(&s->conn, "consuming the queue");
+  s->cancelled = 0;
+  return consume(s);
 }
 
 /* Points b at a copy of its bytes in pool. */
@@ -659,6 +781,8 @@ static int server_new(lua_State *L) {
   s->wants_request = ar.isvararg || ar.nparams >= 2;
   lua_pushvalue(L, 2);
   lua_setiuservalue(L, idx, UV_HANDLER);
+  lua_newtable(L);
+  lua_setiuservalue(L, idx, UV_REQUESTS);
   lua_pushvalue(L, idx);
   lua_pushcclosure(L, message_handler, 1);  /* made once, not per request */
   lua_setiuservalue(L, idx, UV_MSGH);
@@ -683,7 +807,7 @@ static int server_new(lua_State *L) {
   s->loop = loop_get(L);
   s->watch.ops = &watch_ops;
   s->watch.conn = &s->conn;
-  loop_add(L, s->loop, &s->watch, idx);
+  loop_add(L, s->loop, &s->watch, idx, 0);
   lua_pushvalue(L, idx);
   return 1;
 }
@@ -694,10 +818,26 @@ static int closed(lua_State *L) {
   return rpc_fail(L, "closed", "server closed");
 }
 
+/* After a signal: no new request (the consumer is cancelled; what arrives meanwhile goes back
+ * to the queue), and those under way end, reply and ack: at most RPC_DRAIN seconds, until a
+ * second signal, or until the connection is lost (the broker requeues them then). */
+static void drain(lua_State *L, struct rpc_server *s) {
+  int signals = loop_signals();
+  double until = rpc_now() + RPC_DRAIN;
+  if (s->in_progress == 0 || !s->conn.amqp) return;
+  s->draining = 1;
+  amqp_basic_cancel(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->consumer_tag));
+  s->cancelled = !conn_check_reply(&s->conn, "cancelling the consumer");
+  while (s->open && s->conn.amqp && s->in_progress > 0 && loop_signals() == signals && rpc_now() < until)
+    loop_wait(L, s->loop, NULL, fmin(until, rpc_now() + RPC_SLICE));
+  s->draining = 0;
+}
+
 static int run_loop(lua_State *L) {
   struct rpc_server *s = lua_touserdata(L, 1);
   while (s->open && !s->stopping && !loop_signalled())
     loop_wait(L, s->loop, NULL, rpc_now() + RPC_SLICE);
+  if (s->open && loop_signalled()) drain(L, s);
   return 0;
 }
 
@@ -709,6 +849,7 @@ static int run_server(lua_State *L, int idx) {
   if (!s->open) return closed(L);
   luaL_argcheck(L, !s->busy, idx, "server:run() called from its own handler");
   s->stopping = 0;
+  if (s->cancelled && s->conn.amqp && consume(s) == 0) s->cancelled = 0;  /* after a drain */
   lua_pushcfunction(L, run_loop);
   lua_pushvalue(L, idx);
   loop_catch_signals(1);
@@ -781,6 +922,7 @@ static int server_stats(lua_State *L) {
   rpc_set_count(L, "refused_reply_to", s->stats.refused_reply_to);
   rpc_set_count(L, "too_large", s->stats.too_large);
   rpc_set_count(L, "reconnects", s->stats.reconnects);
+  rpc_set_count(L, "in_progress", s->in_progress);
   lua_pushboolean(L, s->conn.amqp != NULL);
   lua_setfield(L, -2, "connected");
   lua_getiuservalue(L, 1, UV_LAST_ERROR);

@@ -7,6 +7,7 @@ local M = {
   server = core.server,   -- rpc.server(queue, handler [, opts])
   serve = core.serve,     -- rpc.serve(queue, handler [, opts]): server + run + close
   connect = core.connect, -- rpc.connect([opts]): publish, declare, bind, consume, receive, ack
+  sleep = core.sleep,     -- rpc.sleep(seconds): in a handler, suspends only it
   _VERSION = core._VERSION,
 }
 
