@@ -469,7 +469,10 @@ static void watch_step(lua_State *L, int idx, double limit) {
   static const unsigned char nobody[16];
   (void)limit;  /* a client reconnects in its next call, not here */
   struct rpc_client *c = lua_touserdata(L, idx);
-  if (c->open && !c->reading && read_replies(L, c, idx, nobody) < 0) lua_pop(L, 1);  /* a reply lost to a raise */
+  if (c->open && !c->reading && read_replies(L, c, idx, nobody) < 0) {  /* a reply lost to a raise */
+    loop_took_interrupt(L, c->loop);  /* or a Ctrl-C, for the waits under way */
+    lua_pop(L, 1);
+  }
 }
 
 static const struct rpc_watch_ops watch_ops = {watch_pollfd, watch_has_input, watch_next_due, watch_step};

@@ -146,6 +146,18 @@ void loop_wake(lua_State *L, lua_State *T) {
   lua_pop(L, 2);
 }
 
+void loop_wake_all(lua_State *L) {
+  push_table(L, UV_DUE);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    lua_pop(L, 1);
+    lua_pushvalue(L, -1);
+    lua_pushnumber(L, 0);
+    lua_rawset(L, -4);  /* an existing key: allowed while traversing */
+  }
+  lua_pop(L, 1);
+}
+
 /* Resumes T (nargs values on its stack). A thread that yields without suspending itself (a bare
  * coroutine.yield() in a handler) gives the others a turn: it is due again at once. A thread
  * that ends, with results or an error (never for a request: its function catches everything),

@@ -3,6 +3,7 @@
  * acknowledge. Synchronous methods go through rabbitmq-c (deliveries that arrive meanwhile are
  * queued by it); deliveries are read by conn_pump and waited for in the shared wait loop. */
 #include <math.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "rpc.h"
@@ -17,13 +18,16 @@
 #define GENERATIONS (((lua_Integer)1) << 22)
 
 /* user values */
-enum { UV_INBOX = 1, UV_MANUAL, UV_COUNT = UV_MANUAL };
-/* UV_INBOX: messages read while doing something else (a list, oldest first);
+enum { UV_INBOX = 1, UV_MANUAL, UV_RECEIVERS, UV_COUNT = UV_RECEIVERS };
+/* UV_RECEIVERS: handler threads suspended in receive (thread pointer -> true), woken by a read;
+ * UV_INBOX: messages read while doing something else (a list, oldest first);
  * UV_MANUAL: consumer tag -> true for consumers with manual acks (to reject what is too large) */
 
 struct rpc_connection {
   struct rpc_conn conn;
   struct rpc_loop *loop;
+  struct rpc_watch watch;  /* the loop reads ahead (and answers heartbeats) while others wait */
+  int unreported;     /* a loss the loop found, for the next operation to report */
   amqp_pool_t pool;   /* a publish's headers, recycled per publish */
   int open;
   int reading;        /* a message is in hand: a finalizer must not read past it */
@@ -273,6 +277,10 @@ static int reconnect(lua_State *L, struct rpc_connection *m) {
  * always reported. What the broker has sent meanwhile is read first. */
 static int ready(lua_State *L, struct rpc_connection *m) {
   if (!m->open) return closed(L);
+  if (m->unreported) {
+    m->unreported = 0;
+    return lost(L, m);
+  }
   int quietly = stateless(m), n;
   if (conn_should_read(&m->conn) && (n = drain(L, m))) {
     if (!quietly || strcmp(lua_tostring(L, -1), "connection") != 0) return n;
@@ -289,12 +297,47 @@ static struct rpc_connection *check_usable(lua_State *L) {
 }
 
 /* conn:receive([timeout]): the next message of any consumer, or nil, message, kind. */
+static void set_receiver(lua_State *L, int waiting) {
+  lua_getiuservalue(L, 1, UV_RECEIVERS);
+  if (waiting) lua_pushboolean(L, 1);
+  else lua_pushnil(L);
+  lua_rawsetp(L, -2, L);
+  lua_pop(L, 1);
+}
+
+/* receive in a handler thread: suspended until the loop reads a message for the inbox, a loss,
+ * or the deadline (on top of the stack). */
+static int receive_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  (void)ctx;
+  struct rpc_connection *m = lua_touserdata(L, 1);
+  double deadline = lua_tonumber(L, -1);
+  set_receiver(L, 0);
+  if (!m->open) return closed(L);
+  if (m->inbox_first <= m->inbox_last) return inbox_take(L, m);
+  if (m->unreported || !m->conn.amqp) {
+    m->unreported = 0;
+    return lost(L, m);
+  }
+  if (rpc_now() >= deadline)
+    return rpc_fail(L, "timeout", lua_pushfstring(L, "no message within %f s", luaL_optnumber(L, 2, HUGE_VAL)));
+  if (loop_signalled())  /* SIGINT/SIGTERM caught by run(), which now lets its handlers end */
+    return rpc_fail(L, "interrupted", "interrupted while waiting for a message");
+  set_receiver(L, 1);
+  return loop_suspend(L, deadline, 0, receive_k);
+}
+
+/* conn:receive([timeout]): the next message of any consumer, or nil, message, kind. */
 static int connection_receive(lua_State *L) {
   struct rpc_connection *m = check_usable(L);
   double timeout = luaL_optnumber(L, 2, HUGE_VAL);
   luaL_argcheck(L, timeout >= 0, 2, "timeout must be a number of seconds, 0 or more");
   if (!m->open) return closed(L);
   int n;
+  if (m->unreported) {
+    m->unreported = 0;
+    return lost(L, m);
+  }
   /* after a quiet spell, a loss the broker told of comes first; auto-acked deliveries stay for
    * later. Otherwise the wait below reads: a message it converts is returned, not read ahead. */
   if (quiet(m) && (n = drain(L, m))) return n;
@@ -302,6 +345,11 @@ static int connection_receive(lua_State *L) {
   if (m->inbox_first <= m->inbox_last) return inbox_take(L, m);  /* read while doing something else */
   if (!m->conn.amqp && (n = reconnect(L, m))) return n;
   double deadline = rpc_now() + (timeout > RPC_MAX_TIMEOUT ? RPC_MAX_TIMEOUT * 1000 : timeout);
+  if (timeout > 0 && loop_can_suspend(L)) {  /* the loop reads for it */
+    lua_settop(L, 2);
+    lua_pushnumber(L, deadline);
+    return receive_k(L, LUA_OK, 0);
+  }
   lua_Hook hook = lua_gethook(L);
   unsigned long interrupts = loop_interrupts(m->loop);
   int input = conn_has_input(&m->conn) || timeout == 0;
@@ -319,6 +367,66 @@ static int connection_receive(lua_State *L) {
     input = loop_wait(L, m->loop, &m->conn, deadline);
   }
 }
+
+/* ---- the loop's view ---- */
+
+static const struct rpc_connection *connection_of(const struct rpc_watch *w) {
+  return (const struct rpc_connection *)(const void *)((const char *)w - offsetof(struct rpc_connection, watch));
+}
+
+/* Reads ahead while the inbox has room. */
+static int readable_now(const struct rpc_connection *m) {
+  return m->open && !m->reading && m->conn.amqp && m->inbox_last - m->inbox_first + 1 < READ_AHEAD;
+}
+
+static int watch_pollfd(const struct rpc_watch *w) {
+  const struct rpc_connection *m = connection_of(w);
+  return readable_now(m) ? conn_fd(&m->conn) : -1;
+}
+
+static int watch_has_input(const struct rpc_watch *w) {
+  const struct rpc_connection *m = connection_of(w);
+  return readable_now(m) && conn_has_input(&m->conn);
+}
+
+static double watch_next_due(const struct rpc_watch *w) {
+  const struct rpc_connection *m = connection_of(w);
+  return readable_now(m) ? m->conn.last_pumped + RPC_HEARTBEAT_READ : HUGE_VAL;
+}
+
+/* Reads ahead into the inbox and wakes the handler threads waiting in receive. A loss is kept
+ * for the next operation to report (unless the connection holds nothing to lose). In a frame of
+ * its own: drain and its helpers find the connection at index 1. */
+static int step_protected(lua_State *L) {
+  struct rpc_connection *m = lua_touserdata(L, 1);
+  int quietly = stateless(m), n = drain(L, m);
+  if (n) {
+    lua_pop(L, n);
+    m->unreported = !quietly;
+  }
+  if (lua_getiuservalue(L, 1, UV_RECEIVERS) == LUA_TTABLE) {
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      lua_pop(L, 1);
+      loop_wake(L, (lua_State *)lua_touserdata(L, -1));
+    }
+  }
+  return 0;
+}
+
+static void watch_step(lua_State *L, int idx, double limit) {
+  (void)limit;
+  struct rpc_connection *m = lua_touserdata(L, idx);
+  if (!readable_now(m)) return;
+  lua_pushcfunction(L, step_protected);
+  lua_pushvalue(L, idx);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {  /* out of memory reading ahead, or a Ctrl-C */
+    loop_took_interrupt(L, m->loop);
+    lua_pop(L, 1);
+  }
+}
+
+static const struct rpc_watch_ops watch_ops = {watch_pollfd, watch_has_input, watch_next_due, watch_step};
 
 /* ---- options and arguments ---- */
 
@@ -694,12 +802,17 @@ static int connection_new(lua_State *L) {
   lua_setiuservalue(L, 2, UV_INBOX);
   lua_newtable(L);
   lua_setiuservalue(L, 2, UV_MANUAL);
+  lua_newtable(L);
+  lua_setiuservalue(L, 2, UV_RECEIVERS);
   init_amqp_pool(&m->pool, 4096);
   m->inbox_first = 1;
   m->open = 1;  /* from here on, close (and so __gc) frees whatever is acquired */
   conn_init(L, &m->conn, 1, CONNECTION_MAX_BODY);
   if (conn_open(&m->conn, m->conn.connect_timeout)) return lost(L, m);  /* __gc frees */
   m->loop = loop_get(L);
+  m->watch.ops = &watch_ops;
+  m->watch.conn = &m->conn;
+  loop_add(L, m->loop, &m->watch, 2, 1);
   return 1;
 }
 
@@ -718,6 +831,8 @@ static int connection_close(lua_State *L) {
 static void close_now(lua_State *L, struct rpc_connection *m) {
   if (!m->open) return;
   m->open = 0;
+  if (m->loop) loop_remove(L, m->loop, &m->watch);
+  m->loop = NULL;
   conn_free(&m->conn);
   empty_amqp_pool(&m->pool);
   lua_pushnil(L);  /* messages read but not received go with it: unacked, they are redelivered */

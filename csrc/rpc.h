@@ -175,6 +175,7 @@ void loop_own(lua_State *L, lua_State *T, int owned);
 int loop_can_suspend(lua_State *L);
 int loop_suspend(lua_State *L, double due, lua_KContext ctx, lua_KFunction k);  /* yields */
 void loop_wake(lua_State *L, lua_State *T);
+void loop_wake_all(lua_State *L);  /* every suspended thread looks at its wait again (a signal) */
 void loop_resume(lua_State *L, lua_State *T, int nargs);
 /* One turn: 1 when own may have input (or another server was served: look again); 0 at the
  * deadline (waiting at most RPC_SLICE) or on a signal. */

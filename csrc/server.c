@@ -826,6 +826,7 @@ static void drain(lua_State *L, struct rpc_server *s) {
   double until = rpc_now() + RPC_DRAIN;
   if (s->in_progress == 0 || !s->conn.amqp) return;
   s->draining = 1;
+  loop_wake_all(L);  /* waits with no deadline (a receive) end on the signal; the others go on */
   amqp_basic_cancel(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->consumer_tag));
   s->cancelled = !conn_check_reply(&s->conn, "cancelling the consumer");
   while (s->open && s->conn.amqp && s->in_progress > 0 && loop_signals() == signals && rpc_now() < until)
