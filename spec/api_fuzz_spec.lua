@@ -1108,20 +1108,21 @@ F.run(function()
   end
 
   -- Messages read ahead: a connection quiet for over a second reads what arrived before its
-  -- next operation (into the inbox), building the messages there. Two connections are made quiet
-  -- at once, one for each method.
+  -- next operation (into the inbox), building the messages there. One connection per method,
+  -- each made quiet in turn: any wait (it runs the loop) reads every other open connection
+  -- ahead, out of the finalizer's reach.
   local quiet = {}
   for _, name in ipairs {"receive", "close"} do
     current = nil   -- a connection of its own
     local q = F.queue("fin-quiet")
     local qc, tag, args = prepare(q, name)
-    quiet[#quiet + 1] = {name = name, c = qc, tag = tag, args = args}
-    assert(qc:publish("", q, body, properties))
-    assert(qc:publish("", q, body, properties))
+    quiet[#quiet + 1] = {name = name, c = qc, tag = tag, args = args, q = q}
   end
-  system.sleep(1.2)
   for _, case in ipairs(quiet) do
     local qc = case.c
+    assert(qc:publish("", case.q, body, properties))
+    assert(qc:publish("", case.q, body, properties))
+    system.sleep(1.2)
     local label = ("conn:declare_queue reading messages ahead, with a finalizer calling conn:%s"):format(case.name)
     call = finalizer_call(label, qc, F.connection_methods[case.name] or F.connection_meta[case.name], case.args)
     hot()
