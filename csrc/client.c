@@ -378,14 +378,15 @@ static int look(lua_State *L, struct rpc_client *c, int idx, const unsigned char
   return 0;
 }
 
-/* In a handler thread: suspends it until the call is settled or its deadline. Its stack
- * keeps the client at idx and, on top, the id. */
+/* In a handler thread: suspends it until the call is settled or its deadline. Its stack keeps
+ * the client at 1 and the id at ctx, the top (a script resuming the thread may push more). */
 static int wait_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status;
-  int idx = (int)ctx;
-  struct rpc_client *c = lua_touserdata(L, idx);
-  const unsigned char *id = (const unsigned char *)lua_tostring(L, -1);
-  int n = look(L, c, idx, id);
+  lua_settop(L, (int)ctx);
+  loop_unsuspend(L);
+  struct rpc_client *c = lua_touserdata(L, 1);
+  const unsigned char *id = (const unsigned char *)lua_tostring(L, (int)ctx);
+  int n = look(L, c, 1, id);
   if (n) return n;
   return loop_suspend(L, pending_find(&c->pending, id)->wait_deadline, ctx, wait_k);
 }
@@ -395,8 +396,9 @@ static int wait_suspended(lua_State *L, struct rpc_client *c, int idx, const uns
   struct rpc_call *call = pending_find(&c->pending, id);
   if (!call) return luaL_error(L, "rabbitrpc: the call being waited for is gone");
   call->wait_deadline = deadline;
+  (void)idx;  /* 1: call and wait have the client first */
   lua_pushlstring(L, (const char *)id, 16);  /* may run a finalizer: wait_k looks everything up */
-  return wait_k(L, LUA_OK, idx);
+  return wait_k(L, LUA_OK, lua_gettop(L));
 }
 
 /* may_suspend: a handler thread's wait suspends it (not call_all's, which waits in a C loop). */
@@ -702,15 +704,19 @@ static int batch_end(lua_State *L, struct rpc_client *c, struct batch *b, lua_In
   return 3;
 }
 
-/* call_all's wait in a handler thread, from request ctx on. Stack: ..., batch, replies. */
+/* call_all's wait in a handler thread. ctx: the request it is at, and (low 20 bits) the index
+ * of the replies table, the batch right below it (a script resuming the thread may push more). */
+#define BATCH_CTX(i, replies) ((lua_KContext)(i) << 20 | (replies))
 static int batch_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status;
+  int replies = (int)(ctx & 0xFFFFF);
+  lua_settop(L, replies);
+  loop_unsuspend(L);
   struct rpc_client *c = lua_touserdata(L, 1);
-  int replies = lua_gettop(L);
   struct batch *b = lua_touserdata(L, replies - 1);
-  for (lua_Integer i = (lua_Integer)ctx; i < b->n; i++) {
+  for (lua_Integer i = (lua_Integer)(ctx >> 20); i < b->n; i++) {
     int n = look(L, c, 1, b->ids[i]);
-    if (n == 0) return loop_suspend(L, b->deadline, (lua_KContext)i, batch_k);
+    if (n == 0) return loop_suspend(L, b->deadline, BATCH_CTX(i, replies), batch_k);
     if (n != 1) return batch_end(L, c, b, i, 1);
     lua_rawseti(L, replies, i + 1);
   }
@@ -771,7 +777,7 @@ static int client_call_all(lua_State *L) {
       struct rpc_call *call = pending_find(&c->pending, b->ids[i]);
       if (call) call->wait_deadline = b->deadline;
     }
-    return batch_k(L, LUA_OK, 0);
+    return batch_k(L, LUA_OK, BATCH_CTX(0, lua_gettop(L)));
   }
   for (i = 0; i < n && !failed; i++) {
     failed = wait_for(L, c, 1, b->ids[i], b->deadline, 0) != 1;
@@ -786,6 +792,8 @@ static int client_close(lua_State *L) {
   struct rpc_client *c = check_client(L);
   if (!c->open) return 0;
   c->open = 0;
+  for (size_t i = 0; i < c->pending.cap; i++)  /* threads waiting on it: they find it closed */
+    if (c->pending.slots[i].used && c->pending.slots[i].waiter) loop_wake(L, c->pending.slots[i].waiter);
   if (c->loop) loop_remove(L, c->loop, &c->watch);
   c->loop = NULL;
   pending_free(&c->pending);

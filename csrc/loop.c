@@ -26,7 +26,8 @@ static const char LOOP_KEY = 'L';  /* its address keys the loop in the registry 
  * UV_WEAK: watch -> its object, not kept alive (clients: collected when dropped);
  * UV_SUSPENDED: thread -> the thread, while it waits (lua_yieldk) for a wake or its due time;
  * UV_DUE: thread -> when to resume it (0 once woken);
- * UV_OWNED: thread -> true for the threads the scheduler runs (requests): those may suspend. */
+ * UV_OWNED: thread -> its abort function, for the threads the scheduler runs (requests): those
+ *   may suspend; weak keys, so a collected thread takes its entry along. */
 enum { UV_ANCHORS = 1, UV_WEAK, UV_SUSPENDED, UV_DUE, UV_OWNED, UV_COUNT = UV_OWNED };
 
 static void push_loop(lua_State *L) {
@@ -41,9 +42,9 @@ struct rpc_loop *loop_get(lua_State *L) {
     loop->interrupts = 0;
     for (int uv = 1; uv <= UV_COUNT; uv++) {
       lua_newtable(L);
-      if (uv == UV_WEAK) {
+      if (uv == UV_WEAK || uv == UV_OWNED) {
         lua_createtable(L, 0, 1);
-        lua_pushliteral(L, "v");
+        lua_pushstring(L, uv == UV_WEAK ? "v" : "k");
         lua_setfield(L, -2, "__mode");
         lua_setmetatable(L, -2);
       }
@@ -102,18 +103,28 @@ static int push_object(lua_State *L, const struct rpc_watch *w) {
 
 /* ---- the scheduler: request threads, suspended in their waits, resumed when woken or due ---- */
 
-void loop_own(lua_State *L, lua_State *T, int owned) {
+void loop_own(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
   push_table(L, UV_OWNED);
-  if (owned) lua_pushboolean(L, 1);
-  else lua_pushnil(L);
-  lua_rawsetp(L, -2, T);
+  lua_pushvalue(L, idx);
+  lua_pushvalue(L, -3);
+  lua_rawset(L, -3);
+  lua_pop(L, 2);
+}
+
+void loop_disown(lua_State *L) {
+  push_table(L, UV_OWNED);
+  lua_pushthread(L);
+  lua_pushnil(L);
+  lua_rawset(L, -3);
   lua_pop(L, 1);
 }
 
 int loop_can_suspend(lua_State *L) {
   if (!lua_isyieldable(L)) return 0;
   push_table(L, UV_OWNED);
-  int owned = lua_rawgetp(L, -1, L) != LUA_TNIL;
+  lua_pushthread(L);
+  int owned = lua_rawget(L, -2) != LUA_TNIL;
   lua_pop(L, 2);
   return owned;
 }
@@ -130,6 +141,15 @@ static void record(lua_State *L, lua_State *T, double due) {
   lua_pushnumber(L, due);
   lua_rawsetp(L, -2, T);
   lua_pop(L, 1);
+}
+
+void loop_unsuspend(lua_State *L) {
+  for (int uv = UV_SUSPENDED; uv <= UV_DUE; uv++) {
+    push_table(L, uv);
+    lua_pushnil(L);
+    lua_rawsetp(L, -2, L);
+    lua_pop(L, 1);
+  }
 }
 
 int loop_suspend(lua_State *L, double due, lua_KContext ctx, lua_KFunction k) {
@@ -173,6 +193,24 @@ void loop_resume(lua_State *L, lua_State *T, int nargs) {
     if (!suspended) record(L, T, 0);
   } else if (status == LUA_OK) {
     lua_pop(T, nres);
+  } else {  /* it died outside its own protection (closed by a script, no memory, a C stack
+             * overflow): its owner answers for it */
+    push_table(L, UV_OWNED);
+    lua_pushthread(T);
+    lua_xmove(T, L, 1);
+    if (lua_rawget(L, -2) == LUA_TFUNCTION) {
+      lua_xmove(T, L, 1);  /* the error */
+      lua_pushthread(T);
+      lua_xmove(T, L, 1);
+      if (lua_pcall(L, 2, 0, 0) != LUA_OK) lua_pop(L, 1);
+      lua_pushthread(T);
+      lua_xmove(T, L, 1);
+      lua_pushnil(L);
+      lua_rawset(L, -3);
+      lua_pop(L, 1);
+    } else {
+      lua_pop(L, 2);
+    }
   }
 }
 
@@ -225,7 +263,16 @@ static void rotate(struct rpc_loop *loop, struct rpc_watch *w) {
 
 static void step(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, double limit) {
   rotate(loop, w);
-  if (push_object(L, w)) w->ops->step(L, lua_gettop(L), limit);
+  if (push_object(L, w)) {
+    w->ops->step(L, lua_gettop(L), limit);
+  } else {  /* being collected (a weak one): its finalizer, to come, closes it; forget it now */
+    for (struct rpc_watch **it = &loop->watches; *it; it = &(*it)->next) {
+      if (*it != w) continue;
+      *it = w->next;
+      break;
+    }
+    w->next = NULL;
+  }
   lua_pop(L, 1);
 }
 
@@ -253,14 +300,15 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
   if (own && (conn_has_input(own) || now - own->last_pumped > RPC_HEARTBEAT_READ)) return 1;
   /* a reconnect must not hold a waiting call past its deadline (run() has no real one) */
   double limit = own ? fmax(deadline - now, 0.05) : HUGE_VAL;
-  int stepped = step_ready(L, loop, own, now, limit);  /* input first: new requests start */
+  if (step_ready(L, loop, own, now, limit)) return own != NULL;  /* input first: requests start */
   double wake;  /* the earliest due time of a suspended thread */
-  if (resume_due(L, rpc_now(), &wake) || stepped) return own != NULL;
-
+  int resumed = resume_due(L, rpc_now(), &wake);
+  /* after resuming, a poll that does not wait: threads that yield at once must not starve input */
+  now = rpc_now();
   struct pollfd fds[MAX_POLLED];
   struct rpc_watch *polled[MAX_POLLED];
   nfds_t n = 0;
-  double until = fmin(fmin(deadline, now + RPC_SLICE), wake);
+  double until = resumed ? now : fmin(fmin(deadline, now + RPC_SLICE), wake);
   if (own && conn_fd(own) >= 0) {
     fds[n].fd = conn_fd(own);
     fds[n].events = POLLIN;
@@ -283,15 +331,21 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
     step(L, loop, polled[i], limit);
     return own != NULL;
   }
-  return 0;  /* nothing, or EINTR: the caller looks at its deadline and signals */
+  return resumed && own != NULL;  /* nothing, or EINTR: the caller looks at its deadline and signals */
 }
 
-/* rpc.sleep(seconds): in a handler, suspends only it; elsewhere, serves the state meanwhile. */
+/* rpc.sleep(seconds): in a handler, suspends only it; elsewhere, serves the state meanwhile.
+ * true, or nil, message, "interrupted" (Ctrl-C, or a signal run() caught). */
 static int sleep_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status;
   (void)ctx;
+  lua_settop(L, 1);
+  loop_unsuspend(L);
   double due = lua_tonumber(L, 1);
-  if (rpc_now() >= due) return 0;
+  if (rpc_now() >= due) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
   return loop_suspend(L, due, 0, sleep_k);  /* woken early: sleep on */
 }
 
@@ -304,8 +358,19 @@ static int loop_sleep(lua_State *L) {
   lua_pushnumber(L, due);
   if (loop_can_suspend(L)) return sleep_k(L, LUA_OK, 0);
   struct rpc_loop *loop = loop_get(L);
-  while (rpc_now() < due && !loop_signalled()) loop_wait(L, loop, NULL, due);
-  return 0;
+  lua_Hook hook = lua_gethook(L);
+  unsigned long interrupts = loop_interrupts(loop);
+  while (rpc_now() < due) {
+    if (lua_gethook(L) != hook || loop_interrupts(loop) != interrupts || loop_signalled()) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "interrupted while sleeping");
+      lua_pushliteral(L, "interrupted");
+      return 3;
+    }
+    loop_wait(L, loop, NULL, due);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 int rpc_loop_open(lua_State *L) {

@@ -309,9 +309,10 @@ static void set_receiver(lua_State *L, int waiting) {
  * or the deadline (on top of the stack). */
 static int receive_k(lua_State *L, int status, lua_KContext ctx) {
   (void)status;
-  (void)ctx;
+  lua_settop(L, (int)ctx);
+  loop_unsuspend(L);
   struct rpc_connection *m = lua_touserdata(L, 1);
-  double deadline = lua_tonumber(L, -1);
+  double deadline = lua_tonumber(L, (int)ctx);
   set_receiver(L, 0);
   if (!m->open) return closed(L);
   if (m->inbox_first <= m->inbox_last) return inbox_take(L, m);
@@ -324,7 +325,7 @@ static int receive_k(lua_State *L, int status, lua_KContext ctx) {
   if (loop_signalled())  /* SIGINT/SIGTERM caught by run(), which now lets its handlers end */
     return rpc_fail(L, "interrupted", "interrupted while waiting for a message");
   set_receiver(L, 1);
-  return loop_suspend(L, deadline, 0, receive_k);
+  return loop_suspend(L, deadline, ctx, receive_k);
 }
 
 /* conn:receive([timeout]): the next message of any consumer, or nil, message, kind. */
@@ -348,7 +349,7 @@ static int connection_receive(lua_State *L) {
   if (timeout > 0 && loop_can_suspend(L)) {  /* the loop reads for it */
     lua_settop(L, 2);
     lua_pushnumber(L, deadline);
-    return receive_k(L, LUA_OK, 0);
+    return receive_k(L, LUA_OK, 3);
   }
   lua_Hook hook = lua_gethook(L);
   unsigned long interrupts = loop_interrupts(m->loop);

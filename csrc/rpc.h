@@ -171,9 +171,13 @@ void loop_remove(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w);
  * (loop_own); a wait in it (loop_can_suspend) suspends T until loop_wake or its due time,
  * with lua_yieldk and continuation k, and the loop resumes it (loop_resume). A wait anywhere
  * else turns the loop, which resumes the threads that are due meanwhile. */
-void loop_own(lua_State *L, lua_State *T, int owned);
+/* The thread at idx may suspend; should it ever end in an error outside its own protection,
+ * the function on top (popped) is called with the error and the thread. */
+void loop_own(lua_State *L, int idx);
+void loop_disown(lua_State *L);  /* the running thread, at its end */
 int loop_can_suspend(lua_State *L);
 int loop_suspend(lua_State *L, double due, lua_KContext ctx, lua_KFunction k);  /* yields */
+void loop_unsuspend(lua_State *L);  /* first thing in a continuation: it runs, however resumed */
 void loop_wake(lua_State *L, lua_State *T);
 void loop_wake_all(lua_State *L);  /* every suspended thread looks at its wait again (a signal) */
 void loop_resume(lua_State *L, lua_State *T, int nargs);

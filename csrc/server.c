@@ -173,10 +173,10 @@ static void take_in_hand(struct rpc_server *s) {
   r->ack_due = 1;
   r->reply_due = 0;
   r->reply_to_len = has_reply_to(p) ? p->reply_to.len : 0;
-  memcpy(r->reply_to, p->reply_to.bytes, r->reply_to_len);
+  if (r->reply_to_len) memcpy(r->reply_to, p->reply_to.bytes, r->reply_to_len);
   r->has_correlation_id = (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) != 0;
   r->correlation_id_len = r->has_correlation_id ? p->correlation_id.len : 0;
-  memcpy(r->correlation_id, p->correlation_id.bytes, r->correlation_id_len);
+  if (r->correlation_id_len) memcpy(r->correlation_id, p->correlation_id.bytes, r->correlation_id_len);
 }
 
 static void log_line(lua_State *L, int idx, const char *fmt, ...);
@@ -291,7 +291,28 @@ static int request_done(lua_State *T, int status, lua_KContext armed) {
   lua_pushthread(T);
   lua_pushnil(T);
   lua_rawset(T, -3);
-  loop_own(T, T, 0);
+  loop_disown(T);
+  return 0;
+}
+
+/* A handler thread that died outside request_main's protection (closed by a script, say): its
+ * request is answered, acked and forgotten all the same. 1: the error, 2: the thread. */
+static int request_abort(lua_State *L) {
+  static const char unknown[] = "rabbitrpc: the handler's thread ended abnormally";
+  struct request *r = lua_touserdata(L, lua_upvalueindex(1));
+  lua_settop(L, 2);
+  lua_getiuservalue(L, lua_upvalueindex(1), 1);  /* 3: the server */
+  struct rpc_server *s = lua_touserdata(L, 3);
+  size_t len = sizeof unknown - 1;
+  const char *why = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &len) : unknown;
+  s->stats.errors++;
+  if (r->reply_due) publish_reply(s, r, why, len, 1, NULL);
+  ack_request(s, r);
+  s->in_progress--;
+  lua_getiuservalue(L, 3, UV_REQUESTS);
+  lua_pushvalue(L, 2);
+  lua_pushnil(L);
+  lua_rawset(L, -3);
   return 0;
 }
 
@@ -308,6 +329,7 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   const struct rpc_message *m = &s->conn.msg;
   int top = lua_gettop(L);
   lua_State *T = lua_newthread(L);
+  lua_sethook(T, NULL, 0, 0);  /* not a Ctrl-C hook lua.c had set on the creating thread */
   lua_pushcfunction(L, request_main);
   struct request *r = lua_newuserdatauv(L, sizeof *r, 1);
   *r = s->in_hand;
@@ -327,7 +349,9 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   lua_pushboolean(L, 1);
   lua_rawset(L, -3);
   lua_pop(L, 1);
-  loop_own(L, T, 1);
+  lua_pushvalue(L, top + 3);
+  lua_pushcclosure(L, request_abort, 1);
+  loop_own(L, top + 1);
   s->in_hand.reply_due = s->in_hand.ack_due = 0;  /* the thread's now */
   s->in_progress++;
   lua_xmove(L, T, nargs + 1);
@@ -818,6 +842,16 @@ static int closed(lua_State *L) {
   return rpc_fail(L, "closed", "server closed");
 }
 
+/* Called from one of s's own handlers: before its first wait (busy), or after (its thread). */
+static int in_own_handler(lua_State *L, const struct rpc_server *s, int idx) {
+  if (s->busy) return 1;
+  lua_getiuservalue(L, idx, UV_REQUESTS);
+  lua_pushthread(L);
+  int own = lua_rawget(L, -2) != LUA_TNIL;
+  lua_pop(L, 2);
+  return own;
+}
+
 /* After a signal: no new request (the consumer is cancelled; what arrives meanwhile goes back
  * to the queue), and those under way end, reply and ack: at most RPC_DRAIN seconds, until a
  * second signal, or until the connection is lost (the broker requeues them then). */
@@ -848,7 +882,7 @@ static int run_loop(lua_State *L) {
 static int run_server(lua_State *L, int idx) {
   struct rpc_server *s = check_server(L, idx);
   if (!s->open) return closed(L);
-  luaL_argcheck(L, !s->busy, idx, "server:run() called from its own handler");
+  luaL_argcheck(L, !in_own_handler(L, s, idx), idx, "server:run() called from its own handler");
   s->stopping = 0;
   if (s->cancelled && s->conn.amqp && consume(s) == 0) s->cancelled = 0;  /* after a drain */
   lua_pushcfunction(L, run_loop);
@@ -873,7 +907,8 @@ static int server_poll(lua_State *L) {
   luaL_argcheck(L, timeout >= 0 && timeout <= RPC_MAX_TIMEOUT, 2,
                 "timeout must be a number of seconds from 0 to 1e6");
   if (!s->open) return closed(L);
-  luaL_argcheck(L, !s->busy, 1, "server:poll() called from its own handler");
+  luaL_argcheck(L, !in_own_handler(L, s, 1), 1, "server:poll() called from its own handler");
+  if (s->cancelled && s->conn.amqp && consume(s) == 0) s->cancelled = 0;  /* after a drain */
   lua_Integer before = s->stats.requests;
   double deadline = rpc_now() + timeout;
   do {  /* while the connection is down, the loop reconnects it when due */

@@ -154,6 +154,82 @@ describe("the scheduler", function()
     assert.equal("got hello", client:wait(waiting))
   end)
 
+  it("a client being collected does not make the loop spin while the state idles", function()
+    local T = H.scope(finally)
+    T:defer(function() collectgarbage("incremental", 200, 100, 13) collectgarbage("restart") end)
+    local c = assert(rpc.client(H.queue("dropped"), H.opts()))  -- nothing else refers to it
+    local weak = setmetatable({c}, {__mode = "v"})
+    c = nil
+    local garbage = {} for i = 1, 100000 do garbage[i] = {i} end
+    garbage = nil
+    collectgarbage("incremental", 200, 1, 0)
+    collectgarbage("stop")
+    local deadline = H.now() + 10
+    while weak[1] ~= nil and H.now() < deadline do collectgarbage("step", 0) end  -- cleared, not finalized yet
+    assert.is_nil(weak[1], "the client was not collected")
+    collectgarbage("restart")
+    local cpu = os.clock()
+    rpc.sleep(1.5)
+    local used = os.clock() - cpu
+    assert.is_true(used < 0.5, ("rpc.sleep(1.5) used %.2f s of CPU"):format(used))
+  end)
+
+  it("a handler that yields in a loop does not starve the others' input", function()
+    local T = H.scope(finally)
+    local spin, echo = H.queue("spinner"), H.queue("echo")
+    T:server(spin, function()
+      local t0 = H.now()
+      while H.now() - t0 < 2 do coroutine.yield() end
+      return "spun"
+    end)
+    T:server(echo, function(body) return body end)
+    local spinner, client = T:client(spin), T:client(echo)
+    local id = assert(spinner:send("go"))
+    rpc.sleep(0.05)
+    local t0 = H.now()
+    assert.equal("x", client:call("x", 5))
+    assert.is_true(elapsed_since(t0) < 0.3, ("a call took %.3f s beside the yielding handler"):format(elapsed_since(t0)))
+    assert.equal("spun", spinner:wait(id, 5))
+  end)
+
+  it("closing a client wakes the handlers waiting on it: they get 'closed' at once", function()
+    local T = H.scope(finally)
+    local queue, nobody = H.queue("closer"), H.queue("closed-nobody")
+    H.amqp1 {op = "declare", queue = nobody}
+    local inner = assert(rpc.client(nobody, H.opts()))
+    T:defer(function() inner:close() end)
+    T:server(queue, function()
+      local reply, message, kind = inner:call("x", 10)
+      return tostring(reply) .. "|" .. kind
+    end)
+    local client = T:client(queue)
+    local id = assert(client:send("go"))
+    rpc.sleep(0.1)
+    inner:close()
+    local t0 = H.now()
+    assert.equal("nil|closed", client:wait(id, 5))
+    assert.is_true(elapsed_since(t0) < 0.5, ("the waiter woke after %.3f s"):format(elapsed_since(t0)))
+  end)
+
+  it("a handler thread a script closes still gets its request answered and acked", function()
+    local T = H.scope(finally)
+    local queue = H.queue("closedthread")
+    local thread
+    local server = T:server(queue, function(body)
+      if body == "first" then thread = coroutine.running() rpc.sleep(5) end
+      return "ok:" .. body
+    end)  -- prefetch 1: a request never acked would hold the server
+    local client = T:client(queue)
+    local id = assert(client:send("first"))
+    H.wait_until(function() rpc.sleep(0.05) return thread ~= nil end, 5, "the handler to start")
+    coroutine.close(thread)
+    local reply, message, kind = client:wait(id, 7)
+    assert.is_nil(reply)
+    assert.equal("remote", kind, message)
+    assert.equal("ok:second", client:call("second", 7))
+    assert.equal(0, server:stats().in_progress)
+  end)
+
   it("rpc.sleep on the main thread serves the state's servers meanwhile", function()
     local T = H.scope(finally)
     local queue = H.queue("sleeper")
