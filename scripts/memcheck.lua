@@ -74,6 +74,23 @@ do  -- a stale delivery tag after a reconnect of rpc.connect
   assert(select(3, conn:ack(m.delivery_tag + (1 << 40))) == "stale")
   assert(conn:ack(m.delivery_tag))
 end
+do  -- handler threads: suspended in nested calls and sleeps, one closed by a script, a drop
+  local back = assert(rpc.server(q .. "-back", function(body) rpc.sleep(0.01) return body end,
+                                 {auto_delete = true, prefetch = 10}))
+  local backend <close> = assert(rpc.client(q .. "-back"))
+  local front = assert(rpc.server(q .. "-front", function(body)
+    if body == "close me" then coroutine.close(coroutine.running()) end
+    return assert(backend:call(body, 5)) .. assert(backend:call_all({"a", "b"}, 5))[2]
+  end, {auto_delete = true, prefetch = 10}))
+  local caller <close> = assert(rpc.client(q .. "-front"))
+  local ids = {}
+  for i = 1, 20 do ids[i] = assert(caller:send("n" .. i)) end
+  for i = 1, 20 do assert(caller:wait(ids[i]) == "n" .. i .. "b") end
+  assert(caller:call("close me", 5) == nil)
+  assert(rpc.sleep(0.02))
+  front:close()
+  back:close()
+end
 server:close()
 rpc.server(q .. "-gc", function() return "" end, {auto_delete = true})  -- left open: freed by lua_close
 print("memcheck: done")
