@@ -829,9 +829,31 @@ static int client_tostring(lua_State *L) {
   return 1;
 }
 
+/* ---- the pollable protocol (loop.c) ---- */
+
+static int client_pollfd(lua_State *L) {
+  return loop_pollfd(L, &check_client(L)->watch);
+}
+
+static int client_events(lua_State *L) {
+  check_client(L);
+  return loop_events(L);
+}
+
+static int client_timeout(lua_State *L) {
+  check_client(L);
+  return loop_timeout(L, loop_get(L));
+}
+
+static int client_step(lua_State *L) {
+  check_client(L);
+  return loop_step(L, loop_get(L));
+}
+
 static const luaL_Reg client_methods[] = {
     {"call", client_call},   {"send", client_send},   {"wait", client_wait},
     {"call_all", client_call_all}, {"close", client_close}, {"stats", client_stats},
+    {"pollfd", client_pollfd}, {"events", client_events}, {"timeout", client_timeout}, {"step", client_step},
     {NULL, NULL}};
 
 static const luaL_Reg client_meta[] = {{"__gc", client_close},

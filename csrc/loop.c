@@ -334,6 +334,69 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
   return resumed && own != NULL;  /* nothing, or EINTR: the caller looks at its deadline and signals */
 }
 
+/* ---- the pollable protocol: what an outside event loop needs (cqueues.poll, luv) ---- */
+
+int loop_pollfd(lua_State *L, const struct rpc_watch *w) {
+  int fd = w->ops->pollfd(w);
+  if (fd < 0) lua_pushnil(L);
+  else lua_pushinteger(L, fd);
+  return 1;
+}
+
+int loop_events(lua_State *L) {
+  lua_pushliteral(L, "r");
+  return 1;
+}
+
+/* Seconds until the state has work without new input (0: it has some now; nil: none). The
+ * whole state's, as step does the whole state's work. */
+int loop_timeout(lua_State *L, struct rpc_loop *loop) {
+  double now = rpc_now(), next = HUGE_VAL;
+  for (struct rpc_watch *w = loop->watches; w; w = w->next)
+    next = fmin(next, w->ops->has_input(w) ? now : w->ops->next_due(w));
+  push_table(L, UV_DUE);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    next = fmin(next, lua_tonumber(L, -1));
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  if (next == HUGE_VAL) lua_pushnil(L);
+  else lua_pushnumber(L, fmax(0, next - now));
+  return 1;
+}
+
+/* Does what the state has ready, never waiting for input: buffered and readable input, due
+ * reads and reconnects (a reconnect may take up to connect_timeout), due threads. */
+int loop_step(lua_State *L, struct rpc_loop *loop) {
+  for (int turn = 0; turn < 64; turn++) {
+    double now = rpc_now(), wake;
+    int did = step_ready(L, loop, NULL, now, HUGE_VAL);
+    did |= resume_due(L, rpc_now(), &wake) > 0;
+    struct pollfd fds[MAX_POLLED];
+    struct rpc_watch *polled[MAX_POLLED];
+    nfds_t n = 0;
+    for (struct rpc_watch *w = loop->watches; w && n < MAX_POLLED; w = w->next) {
+      int fd = w->ops->pollfd(w);
+      if (fd < 0) continue;
+      fds[n].fd = fd;
+      fds[n].events = POLLIN;
+      polled[n++] = w;
+    }
+    if (n && poll(fds, n, 0) > 0) {
+      for (nfds_t i = 0; i < n; i++) {
+        if (!fds[i].revents) continue;
+        step(L, loop, polled[i], HUGE_VAL);
+        did = 1;
+        break;  /* the list may have changed */
+      }
+    }
+    if (!did) break;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* rpc.sleep(seconds): in a handler, suspends only it; elsewhere, serves the state meanwhile.
  * true, or nil, message, "interrupted" (Ctrl-C, or a signal run() caught). */
 static int sleep_k(lua_State *L, int status, lua_KContext ctx) {

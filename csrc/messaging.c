@@ -847,6 +847,27 @@ static int connection_tostring(lua_State *L) {
   return 1;
 }
 
+/* ---- the pollable protocol (loop.c) ---- */
+
+static int connection_pollfd(lua_State *L) {
+  return loop_pollfd(L, &check_connection(L)->watch);
+}
+
+static int connection_events(lua_State *L) {
+  check_connection(L);
+  return loop_events(L);
+}
+
+static int connection_timeout(lua_State *L) {
+  check_connection(L);
+  return loop_timeout(L, loop_get(L));
+}
+
+static int connection_step(lua_State *L) {
+  check_connection(L);
+  return loop_step(L, loop_get(L));
+}
+
 static const luaL_Reg connection_methods[] = {
     {"declare_exchange", connection_declare_exchange},
     {"declare_queue", connection_declare_queue},
@@ -863,6 +884,7 @@ static const luaL_Reg connection_methods[] = {
     {"delete_queue", connection_delete_queue},
     {"delete_exchange", connection_delete_exchange},
     {"close", connection_close},
+    {"pollfd", connection_pollfd}, {"events", connection_events}, {"timeout", connection_timeout}, {"step", connection_step},
     {NULL, NULL}};
 
 static const luaL_Reg connection_meta[] = {{"__gc", connection_close},

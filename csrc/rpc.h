@@ -181,6 +181,13 @@ void loop_unsuspend(lua_State *L);  /* first thing in a continuation: it runs, h
 void loop_wake(lua_State *L, lua_State *T);
 void loop_wake_all(lua_State *L);  /* every suspended thread looks at its wait again (a signal) */
 void loop_resume(lua_State *L, lua_State *T, int nargs);
+/* The pollable protocol (cqueues' names): obj:pollfd() (nil: none now), obj:events() ("r"),
+ * obj:timeout() (the state's: seconds until due work, nil: none), obj:step() (the state's
+ * ready work, never waiting for input). */
+int loop_pollfd(lua_State *L, const struct rpc_watch *w);
+int loop_events(lua_State *L);
+int loop_timeout(lua_State *L, struct rpc_loop *loop);
+int loop_step(lua_State *L, struct rpc_loop *loop);
 /* One turn: 1 when own may have input (or another server was served: look again); 0 at the
  * deadline (waiting at most RPC_SLICE) or on a signal. */
 int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double deadline);

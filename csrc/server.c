@@ -984,9 +984,31 @@ static int serve(lua_State *L) {
   return n;
 }
 
+/* ---- the pollable protocol (loop.c) ---- */
+
+static int server_pollfd(lua_State *L) {
+  return loop_pollfd(L, &check_server(L, 1)->watch);
+}
+
+static int server_events(lua_State *L) {
+  check_server(L, 1);
+  return loop_events(L);
+}
+
+static int server_timeout(lua_State *L) {
+  check_server(L, 1);
+  return loop_timeout(L, loop_get(L));
+}
+
+static int server_step(lua_State *L) {
+  check_server(L, 1);
+  return loop_step(L, loop_get(L));
+}
+
 static const luaL_Reg server_methods[] = {
     {"run", server_run},   {"poll", server_poll},   {"stop", server_stop},
-    {"close", server_close_method}, {"stats", server_stats}, {NULL, NULL}};
+    {"close", server_close_method}, {"stats", server_stats}, {"pollfd", server_pollfd}, {"events", server_events}, {"timeout", server_timeout}, {"step", server_step},
+    {NULL, NULL}};
 
 static const luaL_Reg server_meta[] = {{"__gc", server_close_method},
                                        {"__close", server_close_method},

@@ -13,6 +13,7 @@ packages=(
   python3-pika                                      # interop specs: the tutorial's Python side
   openssl                                           # TLS specs: test certificates (spec/support/make_certs.sh)
   strace                                            # limits spec: what the socket options become
+  lua-cqueues lua-luv                               # outside event loops: spec, examples/luv_server.lua
 )
 # scripts/deps.sh PACKAGE...: those packages instead (make fuzz: clang and its libFuzzer runtime).
 [ $# = 0 ] || packages=("$@")
