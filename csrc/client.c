@@ -829,25 +829,26 @@ static int client_tostring(lua_State *L) {
   return 1;
 }
 
-/* ---- the pollable protocol (loop.c) ---- */
+/* ---- the pollable protocol (loop.c); a closed object says so ---- */
 
 static int client_pollfd(lua_State *L) {
-  return loop_pollfd(L, &check_client(L)->watch);
+  struct rpc_client *c = check_client(L);
+  return c->open ? loop_pollfd(L, &c->watch) : rpc_fail(L, "closed", "client closed");
 }
 
 static int client_events(lua_State *L) {
-  check_client(L);
-  return loop_events(L);
+  struct rpc_client *c = check_client(L);
+  return c->open ? loop_events(L) : rpc_fail(L, "closed", "client closed");
 }
 
 static int client_timeout(lua_State *L) {
-  check_client(L);
-  return loop_timeout(L, loop_get(L));
+  struct rpc_client *c = check_client(L);
+  return c->open ? loop_timeout(L, loop_get(L)) : rpc_fail(L, "closed", "client closed");
 }
 
 static int client_step(lua_State *L) {
-  check_client(L);
-  return loop_step(L, loop_get(L));
+  struct rpc_client *c = check_client(L);
+  return c->open ? loop_step(L, loop_get(L)) : rpc_fail(L, "closed", "client closed");
 }
 
 static const luaL_Reg client_methods[] = {

@@ -847,25 +847,26 @@ static int connection_tostring(lua_State *L) {
   return 1;
 }
 
-/* ---- the pollable protocol (loop.c) ---- */
+/* ---- the pollable protocol (loop.c); a closed object says so ---- */
 
 static int connection_pollfd(lua_State *L) {
-  return loop_pollfd(L, &check_connection(L)->watch);
+  struct rpc_connection *m = check_connection(L);
+  return m->open ? loop_pollfd(L, &m->watch) : closed(L);
 }
 
 static int connection_events(lua_State *L) {
-  check_connection(L);
-  return loop_events(L);
+  struct rpc_connection *m = check_connection(L);
+  return m->open ? loop_events(L) : closed(L);
 }
 
 static int connection_timeout(lua_State *L) {
-  check_connection(L);
-  return loop_timeout(L, loop_get(L));
+  struct rpc_connection *m = check_connection(L);
+  return m->open ? loop_timeout(L, loop_get(L)) : closed(L);
 }
 
 static int connection_step(lua_State *L) {
-  check_connection(L);
-  return loop_step(L, loop_get(L));
+  struct rpc_connection *m = check_connection(L);
+  return m->open ? loop_step(L, loop_get(L)) : closed(L);
 }
 
 static const luaL_Reg connection_methods[] = {

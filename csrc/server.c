@@ -984,25 +984,26 @@ static int serve(lua_State *L) {
   return n;
 }
 
-/* ---- the pollable protocol (loop.c) ---- */
+/* ---- the pollable protocol (loop.c); a closed object says so ---- */
 
 static int server_pollfd(lua_State *L) {
-  return loop_pollfd(L, &check_server(L, 1)->watch);
+  struct rpc_server *s = check_server(L, 1);
+  return s->open ? loop_pollfd(L, &s->watch) : closed(L);
 }
 
 static int server_events(lua_State *L) {
-  check_server(L, 1);
-  return loop_events(L);
+  struct rpc_server *s = check_server(L, 1);
+  return s->open ? loop_events(L) : closed(L);
 }
 
 static int server_timeout(lua_State *L) {
-  check_server(L, 1);
-  return loop_timeout(L, loop_get(L));
+  struct rpc_server *s = check_server(L, 1);
+  return s->open ? loop_timeout(L, loop_get(L)) : closed(L);
 }
 
 static int server_step(lua_State *L) {
-  check_server(L, 1);
-  return loop_step(L, loop_get(L));
+  struct rpc_server *s = check_server(L, 1);
+  return s->open ? loop_step(L, loop_get(L)) : closed(L);
 }
 
 static const luaL_Reg server_methods[] = {

@@ -967,7 +967,7 @@ F.run(function()
     declare_exchange = {F.exchange("closed"), "direct"}, declare_queue = {}, bind = {mq, "amq.direct"},
     unbind = {mq, "amq.direct"}, publish = {"", mq, "x"}, consume = {mq}, cancel = {"a tag"},
     receive = {0}, ack = {tag}, nack = {tag}, reject = {tag}, purge = {mq}, delete_queue = {mq},
-    delete_exchange = {"amq.direct"},
+    delete_exchange = {"amq.direct"}, pollfd = {}, events = {}, timeout = {}, step = {},
   }
   for name, method in pairs(F.connection_methods) do
     if name ~= "close" then
