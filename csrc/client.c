@@ -358,6 +358,17 @@ static int was_swept(const struct rpc_client *c, const unsigned char id[16]) {
   return 0;
 }
 
+/* The call's wait ended without a reply: it is forgotten (a late reply is discarded). */
+static int timed_out(lua_State *L, struct rpc_client *c, struct rpc_call *call) {
+  double seconds = call->timeout;
+  pending_remove(&c->pending, call);
+  c->stats.timeouts++;
+  lua_pushnil(L);
+  lua_pushfstring(L, "no reply from queue '%s' within %f s", c->queue, seconds);
+  lua_pushliteral(L, "timeout");
+  return 3;
+}
+
 /* One look at call id, waited for in a handler thread until call->wait_deadline: its result
  * pushed (the count), or 0: wait on. */
 static int look(lua_State *L, struct rpc_client *c, int idx, const unsigned char *id) {
@@ -365,15 +376,7 @@ static int look(lua_State *L, struct rpc_client *c, int idx, const unsigned char
   struct rpc_call *call = pending_find(&c->pending, id);
   if (!call) return luaL_error(L, "rabbitrpc: the call being waited for is gone");
   if (call->state != CALL_WAITING) return take(L, c, idx, call);
-  if (rpc_now() >= call->wait_deadline) {
-    double seconds = call->timeout;
-    pending_remove(&c->pending, call);
-    c->stats.timeouts++;
-    lua_pushnil(L);
-    lua_pushfstring(L, "no reply from queue '%s' within %f s", c->queue, seconds);
-    lua_pushliteral(L, "timeout");
-    return 3;
-  }
+  if (rpc_now() >= call->wait_deadline) return timed_out(L, c, call);
   call->waiter = L;
   return 0;
 }
@@ -433,15 +436,7 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
       if (n) return n;
       continue;  /* a finalizer may have closed it; another reply may have settled it */
     }
-    if (rpc_now() >= deadline) {
-      double seconds = call->timeout;
-      pending_remove(&c->pending, call);
-      c->stats.timeouts++;
-      lua_pushnil(L);
-      lua_pushfstring(L, "no reply from queue '%s' within %f s", c->queue, seconds);
-      lua_pushliteral(L, "timeout");
-      return 3;
-    }
+    if (rpc_now() >= deadline) return timed_out(L, c, call);
     ready = loop_wait(L, c->loop, &c->conn, deadline);
   }
 }
