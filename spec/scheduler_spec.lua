@@ -230,6 +230,24 @@ describe("the scheduler", function()
     assert.equal(0, server:stats().in_progress)
   end)
 
+  it("keeps idle clients and connections alive (heartbeats) while anything else in the state waits #slow", function()
+    local T = H.scope(finally)
+    local queue = H.queue("idle-hb")
+    T:server(queue, function(body) return body end)
+    local before = H.broker_ports()
+    local idle = T:client(queue, {heartbeat = 1})
+    local conn = assert(rpc.connect(H.opts {heartbeat = 1}))
+    T:defer(function() conn:close() end)
+    local mine = H.new_ports(before, H.broker_ports())
+    assert.equal(2, #mine)
+    rpc.sleep(4)  -- without heartbeats the broker closes a heartbeat-1 connection in 2 to 3 s
+    local now = H.broker_ports()
+    for _, port in ipairs(mine) do assert.is_true(H.contains(now, port), "connection on port " .. port .. " dropped") end
+    assert.equal("still here", idle:call("still here", 5))
+    assert.is_true(conn:declare_queue("", {exclusive = true}) ~= nil)
+    assert.same(now, H.broker_ports())  -- the same connections: nothing was replaced
+  end)
+
   it("rpc.sleep on the main thread serves the state's servers meanwhile", function()
     local T = H.scope(finally)
     local queue = H.queue("sleeper")
