@@ -404,10 +404,33 @@ static int wait_suspended(lua_State *L, struct rpc_client *c, int idx, const uns
   return wait_k(L, LUA_OK, lua_gettop(L));
 }
 
+/* In a coroutine of an outside scheduler (rpc.cqueues): yields to it, polling the client, and
+ * on each wake does the state's ready work (replies read, handlers resumed) and looks again.
+ * Stack: the client at 1, the id at ctx. */
+static int wait_outside_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  lua_settop(L, (int)ctx);
+  struct rpc_client *c = lua_touserdata(L, 1);
+  if (c->open) loop_step(L, c->loop);
+  lua_settop(L, (int)ctx);
+  const unsigned char *id = (const unsigned char *)lua_tostring(L, (int)ctx);
+  int n = look(L, c, 1, id);
+  if (n) return n;
+  return loop_yield_outside(L, 1, pending_find(&c->pending, id)->wait_deadline - rpc_now(), ctx,
+                            wait_outside_k);
+}
+
 /* may_suspend: a handler thread's wait suspends it (not call_all's, which waits in a C loop). */
 static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned char *id,
                     double deadline, int may_suspend) {
   if (may_suspend && loop_can_suspend(L)) return wait_suspended(L, c, idx, id, deadline);
+  if (may_suspend && loop_can_yield_outside(L)) {  /* it ran Lua code: look everything up again */
+    struct rpc_call *call = c->open ? pending_find(&c->pending, id) : NULL;
+    if (!call) return rpc_fail(L, "closed", "client closed while waiting for a reply");
+    call->wait_deadline = deadline;
+    lua_pushlstring(L, (const char *)id, 16);
+    return wait_outside_k(L, LUA_OK, lua_gettop(L));
+  }
   lua_Hook hook = lua_gethook(L);
   unsigned long interrupts = loop_interrupts(c->loop);
   int ready = conn_has_input(&c->conn);  /* else go straight to poll: no recv that must fail */
@@ -718,6 +741,26 @@ static int batch_k(lua_State *L, int status, lua_KContext ctx) {
   return 1;
 }
 
+/* call_all's wait in an outside scheduler's coroutine: as batch_k, yielding to it and doing the
+ * state's ready work on each wake. */
+static int batch_outside_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  int replies = (int)(ctx & 0xFFFFF);
+  lua_settop(L, replies);
+  struct rpc_client *c = lua_touserdata(L, 1);
+  struct batch *b = lua_touserdata(L, replies - 1);
+  if (c->open) loop_step(L, c->loop);
+  lua_settop(L, replies);
+  for (lua_Integer i = (lua_Integer)(ctx >> 20); i < b->n; i++) {
+    int n = look(L, c, 1, b->ids[i]);
+    if (n == 0)
+      return loop_yield_outside(L, 1, b->deadline - rpc_now(), BATCH_CTX(i, replies), batch_outside_k);
+    if (n != 1) return batch_end(L, c, b, i, 1);
+    lua_rawseti(L, replies, i + 1);
+  }
+  return 1;
+}
+
 /* replies = client:call_all(bodies [, timeout [, callopts]]): all requests in flight at once,
  * the replies in order; the first failure ends it with nil, "request i of n: ...", kind. */
 static int client_call_all(lua_State *L) {
@@ -767,12 +810,14 @@ static int client_call_all(lua_State *L) {
     return 3;
   }
   lua_createtable(L, (int)n, 0);
-  if (loop_can_suspend(L)) {
+  int suspend = loop_can_suspend(L), outside = !suspend && loop_can_yield_outside(L);
+  if (suspend || outside) {
     for (i = 0; i < n && c->open; i++) {
       struct rpc_call *call = pending_find(&c->pending, b->ids[i]);
       if (call) call->wait_deadline = b->deadline;
     }
-    return batch_k(L, LUA_OK, BATCH_CTX(0, lua_gettop(L)));
+    if (suspend) return batch_k(L, LUA_OK, BATCH_CTX(0, lua_gettop(L)));
+    return batch_outside_k(L, LUA_OK, BATCH_CTX(0, lua_gettop(L)));
   }
   for (i = 0; i < n && !failed; i++) {
     failed = wait_for(L, c, 1, b->ids[i], b->deadline, 0) != 1;
@@ -828,7 +873,7 @@ static int client_tostring(lua_State *L) {
 
 static int client_pollfd(lua_State *L) {
   struct rpc_client *c = check_client(L);
-  return c->open ? loop_pollfd(L, &c->watch) : rpc_fail(L, "closed", "client closed");
+  return c->open ? loop_pollfd(L, loop_get(L)) : rpc_fail(L, "closed", "client closed");
 }
 
 static int client_events(lua_State *L) {

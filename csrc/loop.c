@@ -8,6 +8,9 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 #include <string.h>
 
 #include "rpc.h"
@@ -17,7 +20,19 @@
 struct rpc_loop {
   struct rpc_watch *watches;   /* newest first */
   unsigned long interrupts;    /* Ctrl-Cs inline handlers took (loop_note_interrupt) */
+  int epfd;                    /* the state's one pollfd for outside loops: an epoll set of the
+                                * watches' sockets, which come and go; -1 until asked for */
+  int wakefd;                  /* an eventfd in that set: a settled wait of an outside waiter */
 };
+
+/* Closes the epoll set with the state (lua_close). */
+static int loop_gc(lua_State *L) {
+  struct rpc_loop *loop = lua_touserdata(L, 1);
+  if (loop->epfd >= 0) close(loop->epfd);
+  if (loop->wakefd >= 0) close(loop->wakefd);
+  loop->epfd = loop->wakefd = -1;
+  return 0;
+}
 
 static const char LOOP_KEY = 'L';  /* its address keys the loop in the registry */
 
@@ -27,8 +42,9 @@ static const char LOOP_KEY = 'L';  /* its address keys the loop in the registry 
  * UV_SUSPENDED: thread -> the thread, while it waits (lua_yieldk) for a wake or its due time;
  * UV_DUE: thread -> when to resume it (0 once woken);
  * UV_OWNED: thread -> its abort function, for the threads the scheduler runs (requests): those
- *   may suspend; weak keys, so a collected thread takes its entry along. */
-enum { UV_ANCHORS = 1, UV_WEAK, UV_SUSPENDED, UV_DUE, UV_OWNED, UV_COUNT = UV_OWNED };
+ *   may suspend; weak keys, so a collected thread takes its entry along;
+ * UV_OUTSIDE: an outside scheduler's yield protocol (rpc.cqueues), or nil: {marker, running}. */
+enum { UV_ANCHORS = 1, UV_WEAK, UV_SUSPENDED, UV_DUE, UV_OWNED, UV_OUTSIDE, UV_COUNT = UV_OUTSIDE };
 
 static void push_loop(lua_State *L) {
   lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
@@ -40,7 +56,12 @@ struct rpc_loop *loop_get(lua_State *L) {
     struct rpc_loop *loop = lua_newuserdatauv(L, sizeof *loop, UV_COUNT);
     loop->watches = NULL;
     loop->interrupts = 0;
-    for (int uv = 1; uv <= UV_COUNT; uv++) {
+    loop->epfd = loop->wakefd = -1;
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, loop_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    for (int uv = 1; uv < UV_OUTSIDE; uv++) {
       lua_newtable(L);
       if (uv == UV_WEAK || uv == UV_OWNED) {
         lua_createtable(L, 0, 1);
@@ -70,11 +91,14 @@ void loop_add(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, int idx,
   lua_pushvalue(L, idx);
   lua_rawsetp(L, -2, w);
   lua_pop(L, 1);
+  w->polled_fd = -1;
   w->next = loop->watches;
   loop->watches = w;
 }
 
 void loop_remove(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w) {
+  if (loop->epfd >= 0 && w->polled_fd >= 0) epoll_ctl(loop->epfd, EPOLL_CTL_DEL, w->polled_fd, NULL);
+  w->polled_fd = -1;  /* its socket is still open here: its owner closes it after */
   for (struct rpc_watch **it = &loop->watches; *it; it = &(*it)->next) {
     if (*it != w) continue;
     *it = w->next;
@@ -162,6 +186,10 @@ void loop_wake(lua_State *L, lua_State *T) {
   if (lua_rawgetp(L, -1, T) == LUA_TNUMBER) {
     lua_pushnumber(L, 0);
     lua_rawsetp(L, -3, T);
+  } else {  /* not one of ours: perhaps waiting in an outside loop, on the epoll set */
+    struct rpc_loop *loop = loop_get(L);
+    uint64_t one = 1;
+    if (loop->wakefd >= 0 && write(loop->wakefd, &one, sizeof one) < 0) { /* already pending */ }
   }
   lua_pop(L, 2);
 }
@@ -266,6 +294,8 @@ static void step(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, doubl
   if (push_object(L, w)) {
     w->ops->step(L, lua_gettop(L), limit);
   } else {  /* being collected (a weak one): its finalizer, to come, closes it; forget it now */
+    if (loop->epfd >= 0 && w->polled_fd >= 0) epoll_ctl(loop->epfd, EPOLL_CTL_DEL, w->polled_fd, NULL);
+    w->polled_fd = -1;
     for (struct rpc_watch **it = &loop->watches; *it; it = &(*it)->next) {
       if (*it != w) continue;
       *it = w->next;
@@ -334,12 +364,96 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
   return resumed && own != NULL;  /* nothing, or EINTR: the caller looks at its deadline and signals */
 }
 
+/* ---- an outside scheduler (rpc.cqueues): waits in its coroutines yield to it ---- */
+
+/* The wait on L may yield to the outside scheduler: L is one of its coroutines. */
+int loop_can_yield_outside(lua_State *L) {
+  if (!lua_isyieldable(L)) return 0;
+  push_loop(L);
+  if (lua_getiuservalue(L, -1, UV_OUTSIDE) != LUA_TTABLE) {
+    lua_pop(L, 2);
+    return 0;
+  }
+  lua_rawgeti(L, -1, 2);  /* running(): inside one of its coroutines? */
+  int inside = lua_pcall(L, 0, 1, 0) == LUA_OK && lua_toboolean(L, -1);
+  lua_pop(L, 3);
+  return inside;
+}
+
+/* Waits in its way (its poll function, called with lua_callk: cqueues reads what was yielded
+ * from the frame that yields) until obj (at idx; 0: none) is readable or seconds pass, then
+ * goes on in k. */
+int loop_yield_outside(lua_State *L, int idx, double seconds, lua_KContext ctx, lua_KFunction k) {
+  if (idx) idx = lua_absindex(L, idx);
+  push_loop(L);
+  lua_getiuservalue(L, -1, UV_OUTSIDE);
+  lua_rawgeti(L, -1, 1);  /* its poll: cqueues.poll */
+  lua_replace(L, -3);
+  lua_pop(L, 1);
+  if (idx) lua_pushvalue(L, idx);
+  lua_pushnumber(L, fmax(0, seconds));
+  lua_callk(L, idx ? 2 : 1, 0, ctx, k);
+  return k(L, LUA_OK, ctx);
+}
+
+/* rpc.core._outside(poll, running): waits in coroutines for which running() is true wait with
+ * poll(obj, seconds), which yields to the outside scheduler (cqueues.poll). */
+static int loop_set_outside(lua_State *L) {
+  luaL_checkany(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  push_loop(L);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    loop_get(L);
+    push_loop(L);
+  }
+  lua_createtable(L, 2, 0);
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, -2, 1);
+  lua_pushvalue(L, 2);
+  lua_rawseti(L, -2, 2);
+  lua_setiuservalue(L, -2, UV_OUTSIDE);
+  return 0;
+}
+
 /* ---- the pollable protocol: what an outside event loop needs (cqueues.poll, luv) ---- */
 
-int loop_pollfd(lua_State *L, const struct rpc_watch *w) {
-  int fd = w->ops->pollfd(w);
-  if (fd < 0) lua_pushnil(L);
-  else lua_pushinteger(L, fd);
+/* Brings the epoll set up to date with the watches' sockets: the ones gone (closed, which
+ * already took them out, or replaced) first, then the new ones, as a new socket may have the
+ * number an old one had. Errors are ignored: a socket that cannot be watched is still read at
+ * its due time. */
+static void sync_epoll(struct rpc_loop *loop) {
+  if (loop->epfd < 0) return;
+  for (struct rpc_watch *w = loop->watches; w; w = w->next) {
+    int fd = w->ops->pollfd(w);
+    if (fd != w->polled_fd && w->polled_fd >= 0) epoll_ctl(loop->epfd, EPOLL_CTL_DEL, w->polled_fd, NULL);
+  }
+  for (struct rpc_watch *w = loop->watches; w; w = w->next) {
+    int fd = w->ops->pollfd(w);
+    w->polled_fd = fd;
+    if (fd < 0) continue;
+    /* the same number may be a new socket (a loss and a reconnect since the last sync: the
+     * close took the old one out): make sure, MOD, then ADD */
+    struct epoll_event ev = {.events = EPOLLIN};
+    ev.data.ptr = w;
+    if (epoll_ctl(loop->epfd, EPOLL_CTL_MOD, fd, &ev) != 0 && errno == ENOENT)
+      epoll_ctl(loop->epfd, EPOLL_CTL_ADD, fd, &ev);
+  }
+}
+
+/* The state's pollfd, not the object's socket: sockets close and change on reconnects, which an
+ * outside loop watching them would trip on; the epoll set of them all stays. */
+int loop_pollfd(lua_State *L, struct rpc_loop *loop) {
+  if (loop->epfd < 0) {
+    loop->epfd = epoll_create1(EPOLL_CLOEXEC);
+    loop->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    struct epoll_event ev = {.events = EPOLLIN};
+    ev.data.ptr = NULL;  /* the wake */
+    if (loop->epfd >= 0 && loop->wakefd >= 0) epoll_ctl(loop->epfd, EPOLL_CTL_ADD, loop->wakefd, &ev);
+  }
+  if (loop->epfd < 0) return rpc_fail(L, "connection", "epoll_create1 failed");
+  sync_epoll(loop);
+  lua_pushinteger(L, loop->epfd);
   return 1;
 }
 
@@ -373,26 +487,43 @@ int loop_step(lua_State *L, struct rpc_loop *loop) {
     double now = rpc_now(), wake;
     int did = step_ready(L, loop, NULL, now, HUGE_VAL);
     did |= resume_due(L, rpc_now(), &wake) > 0;
-    struct pollfd fds[MAX_POLLED];
-    struct rpc_watch *polled[MAX_POLLED];
-    nfds_t n = 0;
-    for (struct rpc_watch *w = loop->watches; w && n < MAX_POLLED; w = w->next) {
-      int fd = w->ops->pollfd(w);
-      if (fd < 0) continue;
-      fds[n].fd = fd;
-      fds[n].events = POLLIN;
-      polled[n++] = w;
-    }
-    if (n && poll(fds, n, 0) > 0) {
-      for (nfds_t i = 0; i < n; i++) {
-        if (!fds[i].revents) continue;
-        step(L, loop, polled[i], HUGE_VAL);
-        did = 1;
-        break;  /* the list may have changed */
+    if (loop->epfd >= 0) {
+      uint64_t count;
+      if (loop->wakefd >= 0 && read(loop->wakefd, &count, sizeof count) > 0) did = 1;  /* drained */
+      sync_epoll(loop);
+      struct epoll_event ev[MAX_POLLED];
+      int ready = epoll_wait(loop->epfd, ev, MAX_POLLED, 0);
+      for (int i = 0; i < ready && !did; i++) {
+        for (struct rpc_watch *w = loop->watches; w && ev[i].data.ptr; w = w->next) {
+          if (w != ev[i].data.ptr) continue;  /* still watched: not removed since the sync */
+          step(L, loop, w, HUGE_VAL);
+          did = 1;
+          break;  /* the list may have changed */
+        }
+      }
+    } else {
+      struct pollfd fds[MAX_POLLED];
+      struct rpc_watch *polled[MAX_POLLED];
+      nfds_t n = 0;
+      for (struct rpc_watch *w = loop->watches; w && n < MAX_POLLED; w = w->next) {
+        int fd = w->ops->pollfd(w);
+        if (fd < 0) continue;
+        fds[n].fd = fd;
+        fds[n].events = POLLIN;
+        polled[n++] = w;
+      }
+      if (n && poll(fds, n, 0) > 0) {
+        for (nfds_t i = 0; i < n; i++) {
+          if (!fds[i].revents) continue;
+          step(L, loop, polled[i], HUGE_VAL);
+          did = 1;
+          break;  /* the list may have changed */
+        }
       }
     }
     if (!did) break;
   }
+  sync_epoll(loop);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -412,6 +543,22 @@ static int sleep_k(lua_State *L, int status, lua_KContext ctx) {
   return loop_suspend(L, due, 0, sleep_k);  /* woken early: sleep on */
 }
 
+/* In an outside scheduler's coroutine: it sleeps there, and the state's work is done on waking. */
+static int sleep_outside_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  (void)ctx;
+  lua_settop(L, 1);
+  double due = lua_tonumber(L, 1);
+  struct rpc_loop *loop = loop_get(L);
+  loop_step(L, loop);
+  lua_settop(L, 1);
+  if (rpc_now() >= due) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  return loop_yield_outside(L, 0, due - rpc_now(), 0, sleep_outside_k);
+}
+
 static int loop_sleep(lua_State *L) {
   double seconds = luaL_checknumber(L, 1);
   luaL_argcheck(L, seconds >= 0 && seconds <= RPC_MAX_TIMEOUT, 1,
@@ -420,6 +567,7 @@ static int loop_sleep(lua_State *L) {
   lua_settop(L, 0);
   lua_pushnumber(L, due);
   if (loop_can_suspend(L)) return sleep_k(L, LUA_OK, 0);
+  if (loop_can_yield_outside(L)) return sleep_outside_k(L, LUA_OK, 0);
   struct rpc_loop *loop = loop_get(L);
   lua_Hook hook = lua_gethook(L);
   unsigned long interrupts = loop_interrupts(loop);
@@ -439,6 +587,8 @@ static int loop_sleep(lua_State *L) {
 int rpc_loop_open(lua_State *L) {
   lua_pushcfunction(L, loop_sleep);
   lua_setfield(L, -2, "sleep");
+  lua_pushcfunction(L, loop_set_outside);
+  lua_setfield(L, -2, "_outside");
   return 0;
 }
 

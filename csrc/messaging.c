@@ -296,7 +296,6 @@ static struct rpc_connection *check_usable(lua_State *L) {
   return m;
 }
 
-/* conn:receive([timeout]): the next message of any consumer, or nil, message, kind. */
 static void set_receiver(lua_State *L, int waiting) {
   lua_getiuservalue(L, 1, UV_RECEIVERS);
   if (waiting) lua_pushboolean(L, 1);
@@ -328,6 +327,28 @@ static int receive_k(lua_State *L, int status, lua_KContext ctx) {
   return loop_suspend(L, deadline, ctx, receive_k);
 }
 
+/* receive in an outside scheduler's coroutine: yields to it, and on each wake does the state's
+ * ready work (which reads ahead into the inbox). The deadline at ctx, the top. */
+static int receive_outside_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  lua_settop(L, (int)ctx);
+  struct rpc_connection *m = lua_touserdata(L, 1);
+  set_receiver(L, 0);
+  double deadline = lua_tonumber(L, (int)ctx);
+  if (m->open) loop_step(L, m->loop);
+  lua_settop(L, (int)ctx);
+  if (!m->open) return closed(L);
+  if (m->inbox_first <= m->inbox_last) return inbox_take(L, m);
+  if (m->unreported || !m->conn.amqp) {
+    m->unreported = 0;
+    return lost(L, m);
+  }
+  if (rpc_now() >= deadline)
+    return rpc_fail(L, "timeout", lua_pushfstring(L, "no message within %f s", luaL_optnumber(L, 2, HUGE_VAL)));
+  set_receiver(L, 1);  /* another's step that reads a message for it wakes it (the epoll set) */
+  return loop_yield_outside(L, 1, fmin(deadline - rpc_now(), RPC_MAX_TIMEOUT), ctx, receive_outside_k);
+}
+
 /* conn:receive([timeout]): the next message of any consumer, or nil, message, kind. */
 static int connection_receive(lua_State *L) {
   struct rpc_connection *m = check_usable(L);
@@ -350,6 +371,11 @@ static int connection_receive(lua_State *L) {
     lua_settop(L, 2);
     lua_pushnumber(L, deadline);
     return receive_k(L, LUA_OK, 3);
+  }
+  if (timeout > 0 && loop_can_yield_outside(L)) {
+    lua_settop(L, 2);
+    lua_pushnumber(L, deadline);
+    return receive_outside_k(L, LUA_OK, 3);
   }
   lua_Hook hook = lua_gethook(L);
   unsigned long interrupts = loop_interrupts(m->loop);
@@ -851,7 +877,7 @@ static int connection_tostring(lua_State *L) {
 
 static int connection_pollfd(lua_State *L) {
   struct rpc_connection *m = check_connection(L);
-  return m->open ? loop_pollfd(L, &m->watch) : closed(L);
+  return m->open ? loop_pollfd(L, loop_get(L)) : closed(L);
 }
 
 static int connection_events(lua_State *L) {

@@ -159,6 +159,7 @@ struct rpc_watch_ops {
 struct rpc_watch {
   const struct rpc_watch_ops *ops;
   const struct rpc_conn *conn;  /* its connection: the loop leaves a waiter's own to it */
+  int polled_fd;                /* its socket as the loop's epoll set has it, or -1 */
   struct rpc_watch *next;
 };
 
@@ -181,10 +182,15 @@ void loop_unsuspend(lua_State *L);  /* first thing in a continuation: it runs, h
 void loop_wake(lua_State *L, lua_State *T);
 void loop_wake_all(lua_State *L);  /* every suspended thread looks at its wait again (a signal) */
 void loop_resume(lua_State *L, lua_State *T, int nargs);
-/* The pollable protocol (cqueues' names): obj:pollfd() (nil: none now), obj:events() ("r"),
+/* An outside scheduler (rpc.cqueues): a wait in one of its coroutines yields to it, polling
+ * the object at idx for at most seconds, and continues in k. */
+int loop_can_yield_outside(lua_State *L);
+int loop_yield_outside(lua_State *L, int idx, double seconds, lua_KContext ctx, lua_KFunction k);
+/* The pollable protocol (cqueues' names): obj:pollfd() (the state's: an epoll set of its
+ * sockets, which stays while they come and go), obj:events() ("r"),
  * obj:timeout() (the state's: seconds until due work, nil: none), obj:step() (the state's
  * ready work, never waiting for input). */
-int loop_pollfd(lua_State *L, const struct rpc_watch *w);
+int loop_pollfd(lua_State *L, struct rpc_loop *loop);
 int loop_events(lua_State *L);
 int loop_timeout(lua_State *L, struct rpc_loop *loop);
 int loop_step(lua_State *L, struct rpc_loop *loop);

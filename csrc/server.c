@@ -988,7 +988,7 @@ static int serve(lua_State *L) {
 
 static int server_pollfd(lua_State *L) {
   struct rpc_server *s = check_server(L, 1);
-  return s->open ? loop_pollfd(L, &s->watch) : closed(L);
+  return s->open ? loop_pollfd(L, loop_get(L)) : closed(L);
 }
 
 static int server_events(lua_State *L) {

@@ -25,6 +25,7 @@ build = {
   modules = {
     rpc = "lua/rpc.lua",
     ["rpc.cli"] = "lua/rpc/cli.lua",
+    ["rpc.cqueues"] = "lua/rpc/cqueues.lua",  -- needs lua-cqueues, only when required
     ["rpc.core"] = {
       sources = {
         "csrc/core.c", "csrc/options.c", "csrc/connection.c", "csrc/table.c",

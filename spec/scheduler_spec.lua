@@ -131,6 +131,23 @@ describe("the scheduler", function()
     end, 5, "the request sent after the drain to wait in the queue")
   end)
 
+  it("client:wait inside a handler suspends only that handler", function()
+    local T = H.scope(finally)
+    local queue, back = H.queue("waiter"), H.queue("waitback")
+    T:server(back, function(body) rpc.sleep(0.3) return "b" .. body end, {prefetch = 10})
+    local backend = T:client(back)
+    T:server(queue, function(body)
+      local id = assert(backend:send(body, {timeout = 5}))
+      return (assert(backend:wait(id)))
+    end, {prefetch = 5})
+    local client = T:client(queue)
+    local t0, ids = H.now(), {}
+    for i = 1, 4 do ids[i] = assert(client:send("w" .. i)) end
+    for i = 1, 4 do assert.equal("bw" .. i, client:wait(ids[i])) end
+    local took = elapsed_since(t0)
+    assert.is_true(took < 0.9, ("four waits took %.3f s (one at a time: 1.2 s)"):format(took))
+  end)
+
   it("conn:receive inside a handler suspends only that handler", function()
     local T = H.scope(finally)
     local queue, inbox = H.queue("recv"), H.queue("inbox")
