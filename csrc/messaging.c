@@ -304,6 +304,20 @@ static void set_receiver(lua_State *L, int waiting) {
   lua_pop(L, 1);
 }
 
+/* One look for a suspended receive: a message, a loss, closed or the deadline pushed (their
+ * count), or 0: wait on. */
+static int receive_look(lua_State *L, struct rpc_connection *m, double deadline) {
+  if (!m->open) return closed(L);
+  if (m->inbox_first <= m->inbox_last) return inbox_take(L, m);
+  if (m->unreported || !m->conn.amqp) {
+    m->unreported = 0;
+    return lost(L, m);
+  }
+  if (rpc_now() >= deadline)
+    return rpc_fail(L, "timeout", lua_pushfstring(L, "no message within %f s", luaL_optnumber(L, 2, HUGE_VAL)));
+  return 0;
+}
+
 /* receive in a handler thread: suspended until the loop reads a message for the inbox, a loss,
  * or the deadline (on top of the stack). */
 static int receive_k(lua_State *L, int status, lua_KContext ctx) {
@@ -313,14 +327,8 @@ static int receive_k(lua_State *L, int status, lua_KContext ctx) {
   struct rpc_connection *m = lua_touserdata(L, 1);
   double deadline = lua_tonumber(L, (int)ctx);
   set_receiver(L, 0);
-  if (!m->open) return closed(L);
-  if (m->inbox_first <= m->inbox_last) return inbox_take(L, m);
-  if (m->unreported || !m->conn.amqp) {
-    m->unreported = 0;
-    return lost(L, m);
-  }
-  if (rpc_now() >= deadline)
-    return rpc_fail(L, "timeout", lua_pushfstring(L, "no message within %f s", luaL_optnumber(L, 2, HUGE_VAL)));
+  int n = receive_look(L, m, deadline);
+  if (n) return n;
   if (loop_signalled())  /* SIGINT/SIGTERM caught by run(), which now lets its handlers end */
     return rpc_fail(L, "interrupted", "interrupted while waiting for a message");
   set_receiver(L, 1);
@@ -337,14 +345,8 @@ static int receive_outside_k(lua_State *L, int status, lua_KContext ctx) {
   double deadline = lua_tonumber(L, (int)ctx);
   if (m->open) loop_step(L, m->loop);
   lua_settop(L, (int)ctx);
-  if (!m->open) return closed(L);
-  if (m->inbox_first <= m->inbox_last) return inbox_take(L, m);
-  if (m->unreported || !m->conn.amqp) {
-    m->unreported = 0;
-    return lost(L, m);
-  }
-  if (rpc_now() >= deadline)
-    return rpc_fail(L, "timeout", lua_pushfstring(L, "no message within %f s", luaL_optnumber(L, 2, HUGE_VAL)));
+  int n = receive_look(L, m, deadline);
+  if (n) return n;
   set_receiver(L, 1);  /* another's step that reads a message for it wakes it (the epoll set) */
   return loop_yield_outside(L, 1, fmin(deadline - rpc_now(), RPC_MAX_TIMEOUT), ctx, receive_outside_k);
 }
