@@ -12,8 +12,6 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 
-#include <amqp_ssl_socket.h>
-#include <amqp_tcp_socket.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 

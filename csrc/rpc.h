@@ -5,10 +5,27 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* rabbitmq-c moved its headers in 0.12 (<rabbitmq-c/amqp.h>); the old names stay there only as
+ * deprecated shims that warn. Debian 12 has 0.11, which has only the old names. cppcheck cannot
+ * evaluate __has_include: it reads the 0.11 branch. */
+#if defined(__has_include) && !defined(__CPPCHECK__)
+#if __has_include(<rabbitmq-c/amqp.h>)
+#define RPC_RABBITMQ_C_HEADERS 1
+#endif
+#endif
+#ifdef RPC_RABBITMQ_C_HEADERS
+#include <rabbitmq-c/amqp.h>
+#include <rabbitmq-c/ssl_socket.h>
+#include <rabbitmq-c/tcp_socket.h>
+#else
 #include <amqp.h>
+#include <amqp_ssl_socket.h>
+#include <amqp_tcp_socket.h>
+#endif
 #include <lauxlib.h>
 #include <lua.h>
 
+#define RPC_VERSION "0.1.0"     /* the rockspec's version: spec/rock_spec.lua checks they agree */
 #define RPC_CHANNEL 1
 #define RPC_FRAME_MAX 131072    /* rabbitmq-c 0.11 keeps 0 as "no limit": always pass it */
 #define RPC_MAX_TABLE (RPC_FRAME_MAX - 4096)  /* headers, leaving room for the other properties */

@@ -8,6 +8,7 @@ local M = {
   serve = core.serve,     -- rpc.serve(queue, handler [, opts]): server + run + close
   connect = core.connect, -- rpc.connect([opts]): publish, declare, bind, consume, receive, ack
   sleep = core.sleep,     -- rpc.sleep(seconds): in a handler, suspends only it
+  now = core.now,         -- rpc.now(): monotonic seconds (a float), the clock timeouts use
   _VERSION = core._VERSION,
 }
 
