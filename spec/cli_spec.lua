@@ -300,7 +300,7 @@ describe("rabbitrpc call", function()
       local o = handler_server:output()
       return select(2, o:gsub("id=", "")) >= before + 2 and o
     end, 5, "two -v lines")
-    assert.matches("\n%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ id=%x+%-[%x-]+ body=5B [%d.]+ms ok reply=%d+B\n", out)
+    assert.matches("\n%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ id=%x+%-[%x-]+ body=5B [%d.]+ms ok reply=%d+B\n", out)
     assert.matches("\n%d%d%d%d%-%d%d%-%d%dT[%d:.]+Z id=[%x-]+ body=4B [%d.]+ms error: refused: fail\n", out)
     H.assert_no_password(out)
   end)

@@ -140,12 +140,6 @@ end
 
 -- ---- helpers ----
 
-local function clock_or_nil()
-  local ok, system = pcall(require, "system")  -- luasystem (Debian lua-system)
-  if ok and type(system) == "table" and system.monotime then return system end
-  return nil
-end
-
 --- A printable, one-line version of s (a correlation id or a message may hold any bytes).
 local function printable(s, max)
   s = tostring(s):gsub("[^\32-\126]", function(c) return ("\\x%02x"):format(c:byte()) end)
@@ -190,11 +184,7 @@ end
 --- --repeat N --parallel K: N calls, at most K in flight, waited for in the order sent.
 -- Returns the summary lines and the failures ({kind = {count, message}}, kinds in order).
 local function call_many(client, body, args, callopts)
-  local system = clock_or_nil()
-  if not system then
-    return nil, "--repeat and --parallel need luasystem (Debian package lua-system)", "usage"
-  end
-  local now = system.monotime
+  local now = rpc.now
   local n, k = args["repeat"] or 1, math.min(args.parallel or 1, args["repeat"] or 1)
   callopts.timeout = args.timeout
   local latencies, failures, kinds = {}, {}, {}
@@ -301,17 +291,14 @@ end
 --- handler, with one line per request on stderr (-v). The reply or error is passed on
 -- unchanged, so the caller sees what it would without -v.
 local function verbose(handler, sys)
-  local system = clock_or_nil()   -- without luasystem: whole seconds, and no handler time
-  local now = system and system.monotime or function() return 0 end
-  local function stamp()
-    local t = system and system.gettime() or os.time()
-    local whole = math.floor(t)
-    return os.date("!%Y-%m-%dT%H:%M:%S", whole) .. (".%03dZ"):format(math.floor((t - whole) * 1000))
+  local now = rpc.now
+  local function stamp()   -- whole seconds: Lua has no finer wall clock; durations use rpc.now
+    return os.date("!%Y-%m-%dT%H:%M:%SZ")
   end
   local function log(request, body, t0, outcome)
-    sys.stderr:write(("%s id=%s body=%dB %s %s\n"):format(stamp(),
+    sys.stderr:write(("%s id=%s body=%dB %.2fms %s\n"):format(stamp(),
       request.correlation_id and printable(request.correlation_id, 80) or "-", #body,
-      system and ("%.2fms"):format((now() - t0) * 1000) or "-", outcome))
+      (now() - t0) * 1000, outcome))
   end
   return function(body, request)
     local t0 = now()
