@@ -23,7 +23,7 @@ MODULE = build/rpc/core.so
 OOM_MODULE = build/test/oom.so
 
 .PHONY: all deps test demo bench bench-million soak check memcheck broker-start broker-stop clean \
-        fuzz fuzz-deps sanitize
+        fuzz fuzz-deps sanitize rock
 
 all: $(MODULE)
 
@@ -69,6 +69,16 @@ memcheck: deps $(MODULE) broker-start
 
 clean:
 	rm -rf build build-asan bench/out
+
+# A source rock, build/rock/rabbitrpc-scm-1.src.rock, offline: luarocks pack clones the rockspec's
+# url, and git is told to clone this checkout instead (its committed HEAD; for a versioned
+# rockspec, its tag: make rock ROCKSPEC=rockspec/rabbitrpc-0.1.0-1.rockspec once v0.1.0 exists).
+ROCKSPEC ?= rockspec/rabbitrpc-scm-1.rockspec
+ROCK_URL = https://github.com/rabbitrpc/rabbitrpc.git
+rock:
+	@mkdir -p build/rock
+	cd build/rock && GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0='url.file://$(CURDIR).insteadOf' \
+	  GIT_CONFIG_VALUE_0='$(ROCK_URL)' luarocks --lua-version=5.4 pack '$(CURDIR)/$(ROCKSPEC)'
 
 # ---- fuzzing (fuzz/README.md): libFuzzer targets for the pure-C parts ----
 FUZZ_CC ?= clang-14

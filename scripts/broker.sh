@@ -2,11 +2,13 @@
 # A private RabbitMQ node for rabbitrpc's tests and demo, from Debian's rabbitmq-server: its own
 # node name, ports, cookie, config and state folder, so it never touches another broker.
 #   scripts/broker.sh start|stop|status|url|ctl ARGS...
+# The rock installs it as the command rabbitrpc-broker (same commands and settings).
 # Settings (environment):
 #   RPC_BROKER_PORT       AMQP port, on loopback                 (5673)
 #   RPC_BROKER_DIST_PORT  Erlang distribution port, on loopback  (AMQP port + 20000)
 #   RPC_BROKER_NODE       node name    (rabbitrpc@localhost; rabbitrpc-PORT@localhost off 5673)
-#   RPC_BROKER_DIR        state folder (<project>/.broker): cookie, config, data, logs, pid file
+#   RPC_BROKER_DIR        state folder: cookie, config, data, logs, pid file
+#                         (<project>/.broker in a checkout; installed: ./.rabbitrpc-broker)
 #   RPC_BROKER_TLS_PORT   optional: a TLS (amqps) listener on this port, on loopback   (none)
 #   RPC_BROKER_TLS_DIR    with it: the folder holding ca.pem, server.pem and server.key
 #                         (spec/support/make_certs.sh makes them); clients' certificates are
@@ -15,11 +17,15 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# In a checkout this file is <project>/scripts/broker.sh; installed (rabbitrpc-broker in a tree's
+# bin/) there is no project: the state goes where the user runs it, not into the tree.
+if [ "$root/scripts/broker.sh" -ef "${BASH_SOURCE[0]}" ]; then default_dir=$root/.broker
+else default_dir=$PWD/.rabbitrpc-broker; fi
 PORT=${RPC_BROKER_PORT:-5673}
 DIST_PORT=${RPC_BROKER_DIST_PORT:-$((PORT + 20000))}
 if [ "$PORT" = 5673 ]; then NODE=${RPC_BROKER_NODE:-rabbitrpc@localhost}
 else NODE=${RPC_BROKER_NODE:-rabbitrpc-$PORT@localhost}; fi
-DIR=${RPC_BROKER_DIR:-$root/.broker}
+DIR=${RPC_BROKER_DIR:-$default_dir}
 SBIN=/usr/lib/rabbitmq/bin      # the real scripts; /usr/sbin's wrappers su to the rabbitmq user
 BOOT_TIMEOUT=60
 
@@ -29,7 +35,14 @@ die() { echo "broker: $*" >&2; exit 1; }
 TLS_PORT=${RPC_BROKER_TLS_PORT:-}
 TLS_DIR=${RPC_BROKER_TLS_DIR:-}
 [[ -z $TLS_PORT || $TLS_PORT =~ ^[0-9]+$ ]] || die "RPC_BROKER_TLS_PORT must be a number"
-[ -x "$SBIN/rabbitmq-server" ] || die "rabbitmq-server is not installed (run scripts/deps.sh)"
+url() { echo "amqp://guest:guest@localhost:$PORT/"; }
+case ${1:-} in
+  start|stop|status|ctl) ;;
+  url) url; exit 0 ;;   # needs neither the broker nor a state folder
+  *) echo "usage: $0 start|stop|status|url|ctl ARGS..." >&2; exit 2 ;;
+esac
+[ -x "$SBIN/rabbitmq-server" ] ||
+  die "rabbitmq-server is not installed (Debian: apt-get install rabbitmq-server; a checkout: scripts/deps.sh)"
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 PIDFILE=$DIR/$NODE.pid
@@ -201,8 +214,6 @@ status() {
   fi
 }
 
-url() { echo "amqp://guest:guest@localhost:$PORT/"; }
-
 locked() { # start and stop one at a time (make -j, two terminals)
   exec 9> "$DIR/.lock"
   flock -w 180 9 || die "another broker.sh start/stop holds $DIR/.lock"
@@ -213,7 +224,5 @@ case ${1:-} in
   start) locked start ;;
   stop) locked stop ;;
   status) status ;;
-  url) url ;;
   ctl) shift; exec "$SBIN/rabbitmqctl" -n "$NODE" "$@" ;;
-  *) echo "usage: $0 start|stop|status|url|ctl ARGS..." >&2; exit 2 ;;
 esac

@@ -8,7 +8,8 @@ packages=(
   gcc libc6-dev make pkg-config                     # build the C module
   lua5.4 liblua5.4-dev luarocks                     # Lua, its headers, the rockspec
   librabbitmq-dev uuid-dev                          # rabbitmq-c 0.11, libuuid
-  lua-busted lua-argparse lua-system                # specs, examples, the rabbitrpc command
+  lua-busted lua-system                             # specs, soak, bench (luasystem's clock and sleep)
+  lua-argparse                                      # the rabbitrpc command
   rabbitmq-server                                   # the private broker (scripts/broker.sh)
   python3-pika                                      # interop specs: the tutorial's Python side
   openssl                                           # TLS specs: test certificates (spec/support/make_certs.sh)
