@@ -1,7 +1,8 @@
 -- The LuaLS definition files in types/ (README "Editor support") against the real module: every
--- function, method and metamethod the objects have is declared, every parameter annotated, and
--- every error kind the C core returns is in rpc.ErrorKind. A method added in C without its
--- annotation fails here.
+-- function, method and metamethod the objects have is declared, every parameter annotated, every
+-- key of the options tables the C core checks (and of the tables it returns) is a field of its
+-- class, and every error kind the C core returns is in rpc.ErrorKind. A method, option or kind
+-- added in C without its annotation fails here.
 local H = require "support.helpers"
 local rpc = require "rpc"
 
@@ -15,6 +16,82 @@ local CLASSES = {["rpc.client"] = "Client", ["rpc.server"] = "Server", ["rpc.con
 -- Declared while being added on another branch: not yet required to exist in the objects.
 -- (Only the "declares nothing the objects lack" check skips them; drop a name once it exists.)
 local PENDING = {["rpc.now"] = true}
+
+-- Declared while being added on another branch: fields the C lists do not have yet.
+local PENDING_FIELDS = {["rpc.ClientOptions.codec"] = true, ["rpc.ServerOptions.codec"] = true,
+                        ["rpc.CallOptions.properties"] = true, ["rpc.SendOptions.properties"] = true}
+
+-- The key lists the C core checks options tables against (opts_check_keys), and the tables it
+-- builds, -> the class of types/rpc.lua that must declare each of their keys as a field.
+local KEY_LISTS = {
+  {"client.c", "client_options", "rpc.ClientOptions"},
+  {"server.c", "server_options", "rpc.ServerOptions"},
+  {"messaging.c", "connect_options", "rpc.ConnectOptions"},
+  {"client.c", "call_options", "rpc.CallOptions"},
+  {"client.c", "send_options", "rpc.SendOptions"},
+  {"connection.c", "tls_options", "rpc.TlsOptions"},
+  {"server.c", "bind_options", "rpc.Binding"},
+  {"messaging.c", "exchange_options", "rpc.ExchangeOptions"},
+  {"messaging.c", "queue_options", "rpc.QueueOptions"},
+  {"messaging.c", "consume_options", "rpc.ConsumeOptions"},
+  {"messaging.c", "delete_queue_options", "rpc.DeleteQueueOptions"},
+  {"messaging.c", "delete_exchange_options", "rpc.DeleteExchangeOptions"},
+  {"messaging.c", "property_names", "rpc.PublishProperties"},
+}
+local BUILT_TABLES = {
+  {"server.c", {"push_request"}, "rpc.Request"},
+  {"messaging.c", {"push_message", "push_properties"}, "rpc.Message"},
+  {"client.c", {"client_stats"}, "rpc.ClientStats"},
+  {"server.c", {"server_stats"}, "rpc.ServerStats"},
+}
+
+--- {["rpc.X"] = {field = true, ...}} for every ---@class of the file, inherited fields included.
+local function class_fields(path)
+  local classes, parents, current = {}, {}, nil
+  for line in (assert(H.read_file(path)) .. "\n"):gmatch("(.-)\n") do
+    local class, parent = line:match("^%-%-%-@class ([%w_.]+):? ?([%w_.]*)")
+    local field = line:match("^%-%-%-@field ([%w_]+)")
+    if class then
+      current, classes[class] = class, {}
+      if parent ~= "" then parents[class] = parent end
+    elseif field and current then
+      classes[current][field] = true
+    elseif not line:match("^%-%-%-") then
+      current = nil
+    end
+  end
+  local function all(class)
+    local t = {}
+    if parents[class] then for k in pairs(all(parents[class])) do t[k] = true end end
+    for k in pairs(classes[class] or {}) do t[k] = true end
+    return t
+  end
+  local resolved = {}
+  for class in pairs(classes) do resolved[class] = all(class) end
+  return resolved
+end
+
+--- The strings of `static const char *const name[] = {...}` in csrc/file.
+local function c_key_list(file, name)
+  local src = assert(H.read_file(H.ROOT .. "/csrc/" .. file))
+  local list = assert(src:match("static const char %*const " .. name .. "%[%] = (%b{})"),
+    "no key list " .. name .. " in csrc/" .. file)
+  local keys = {}
+  for k in list:gmatch('"([%w_]+)"') do keys[#keys + 1] = k end
+  return keys
+end
+
+--- The keys the C function `name` of csrc/file sets in the table it builds: set_*(L, "key", ...),
+-- rpc_set_count(L, "key", ...), lua_setfield(L, -n, "key").
+local function c_built_keys(file, name)
+  local src = assert(H.read_file(H.ROOT .. "/csrc/" .. file))
+  local body = assert(src:match("\nstatic [%w_ ]+%*?" .. name .. "%b()%s*(%b{})"),
+    "no function " .. name .. " in csrc/" .. file)
+  local keys = {}
+  for k in body:gmatch('set_[%w_]+%(L, "([%w_]+)"') do keys[#keys + 1] = k end
+  for k in body:gmatch('lua_setfield%(L, %-%d, "([%w_]+)"%)') do keys[#keys + 1] = k end
+  return keys
+end
 
 --- What a definition file declares: {functions = {["rpc.client"] = {params...}, ["Client:call"]
 -- = {...}}, fields = {["rpc._VERSION"] = true}, params = {[name] = {annotated = true}}}.
@@ -206,6 +283,45 @@ describe("types/rpc.lua (LuaLS definitions)", function()
       table.sort(bare)
       assert.same({}, bare, path)
     end
+  end)
+
+  it("declares as fields every key of the options tables the C core checks, and no other", function()
+    local classes, missing, extra = class_fields(META), {}, {}
+    for _, entry in ipairs(KEY_LISTS) do
+      local file, list, class = entry[1], entry[2], entry[3]
+      local fields = assert(classes[class], "no ---@class " .. class)
+      local in_c = {}
+      for _, key in ipairs(c_key_list(file, list)) do
+        in_c[key] = true
+        if not fields[key] then missing[#missing + 1] = class .. "." .. key .. " (" .. list .. ")" end
+      end
+      for field in pairs(fields) do
+        if not in_c[field] and not PENDING_FIELDS[class .. "." .. field] then
+          extra[#extra + 1] = class .. "." .. field
+        end
+      end
+    end
+    table.sort(missing)
+    table.sort(extra)
+    assert.same({}, missing)
+    assert.same({}, extra)
+  end)
+
+  it("declares as fields every key of the tables the C core returns (request, message, stats)", function()
+    local classes, missing = class_fields(META), {}
+    for _, entry in ipairs(BUILT_TABLES) do
+      local file, functions, class = entry[1], entry[2], entry[3]
+      local fields, n = assert(classes[class], "no ---@class " .. class), 0
+      for _, fn in ipairs(functions) do
+        for _, key in ipairs(c_built_keys(file, fn)) do
+          n = n + 1
+          if not fields[key] then missing[#missing + 1] = class .. "." .. key .. " (" .. fn .. ")" end
+        end
+      end
+      assert.is_true(n >= 6, "found only " .. n .. " keys set by " .. table.concat(functions, ", "))
+    end
+    table.sort(missing)
+    assert.same({}, missing)
   end)
 
   it("has in rpc.ErrorKind every kind the C sources return", function()
