@@ -50,3 +50,44 @@ describe("the README's opening example", function()
     assert.is_nil(server:status(), "fib_server.lua stopped serving:\n" .. server:output())
   end)
 end)
+
+--- The ```lua block after README's "Testing your own services" marker.
+local function readme_testing_example()
+  local readme = H.read_file(H.ROOT .. "/README.md")
+  local at = assert(readme:find("spec/readme_spec.lua runs this block", 1, true),
+    "README has no testing example marker")
+  return assert(readme:match("```lua\n(.-\n)```", at), "no ```lua block after the marker")
+end
+
+describe("the README's testing example", function()
+  teardown(H.cleanup)
+
+  it("is examples/service_spec.lua, and passes when busted runs it as a user would", function()
+    local T = H.scope(finally)
+    local example = readme_testing_example()
+    assert.equal(H.read_file(H.ROOT .. "/examples/service_spec.lua"), example)
+    local dir = H.tmpdir()
+    H.write_file(dir .. "/service_spec.lua", example)
+    H.write_file(dir .. "/no_config.lua", "return {}\n")   -- not the checkout's .busted
+    local function test_queues()
+      local out = H.ctl("list_queues", "name")
+      local names = {}
+      for name in out:gmatch("\n(test%-%d+%-%d+)%f[%s]") do names[#names + 1] = name end
+      return names
+    end
+    local before = {}
+    for _, name in ipairs(test_queues()) do before[name] = true end
+    T:defer(function()   -- the echo server's queue is not auto-delete: remove what the run left
+      for _, name in ipairs(test_queues()) do
+        if not before[name] then H.ctl("delete_queue", name) end
+      end
+    end)
+    -- the module from LUA_PATH/LUA_CPATH (an installed rock's are on the default paths), the
+    -- broker from RPC_URL, the example server's script relative to the project root
+    local out, status, err = H.run(("%s /usr/bin/busted -C %s -f %s -o plainTerminal %s"):format(
+      H.LUA, H.quote(H.ROOT), H.quote(dir .. "/no_config.lua"), H.quote(dir .. "/service_spec.lua")),
+      {LUA_PATH = H.LUA_PATH, LUA_CPATH = H.LUA_CPATH, RPC_URL = H.URL})
+    assert.equal(0, status, out .. err)
+    assert.matches("3 successes / 0 failures / 0 errors", out, 1, true)
+  end)
+end)
