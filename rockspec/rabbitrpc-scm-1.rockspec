@@ -49,6 +49,7 @@ build = {
       defines = {},
     },
   },
+  copy_directories = { "types" },  -- LuaLS definitions (README "Editor support")
   install = {
     bin = {
       rabbitrpc = "bin/rabbitrpc",
