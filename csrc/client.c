@@ -12,6 +12,7 @@
 
 #define CLIENT_MT "rpc.client"
 #define UV_OUTCOMES 1  /* a table: replies kept for a later wait, by luaL_ref */
+#define UV_CODEC 2     /* opts.codec's functions (codec.c), or nil */
 #define CLIENT_MAX_BODY 134217728  /* RabbitMQ's own default max_message_size: 128 MiB */
 #define SWEEP_MIN 64  /* pending calls before the first sweep for sends nobody waits for */
 #define SWEPT_KEPT 1024  /* ids of swept sends remembered, so that a late wait says timeout */
@@ -38,7 +39,8 @@ struct rpc_client {
   amqp_pool_t pool;     /* per-call headers, recycled after each publish */
   int open;
   int reading;          /* a message is in hand: a finalizer must not read past it */
-  struct { lua_Integer calls, replies, timeouts, remote_errors, no_route, discarded; } stats;
+  struct rpc_codec codec;  /* opts.codec */
+  struct { lua_Integer calls, replies, timeouts, remote_errors, no_route, discarded, codec_errors; } stats;
 };
 
 static struct rpc_client *check_client(lua_State *L) {
@@ -86,7 +88,7 @@ static int client_connect(struct rpc_client *c, double limit) {
 
 static const char *const client_options[] = {"url",     "urls",     "heartbeat", "connect_timeout",
                                              "timeout", "reply_to", "confirm",   "max_body",
-                                             "tls",     "exchange", NULL};
+                                             "tls",     "exchange", "codec",    NULL};
 
 static const struct rpc_watch_ops watch_ops;
 
@@ -106,12 +108,18 @@ static int client_new(lua_State *L) {
   const char *exchange = opts_string(L, 2, "exchange", "", &elen);
   luaL_argcheck(L, elen < 256 && strlen(exchange) == elen, 2,
                 "option 'exchange' must be at most 255 bytes, none of them NUL");
+  struct rpc_codec codec;
+  int n = rpc_codec_new(L, 2, &codec);
+  if (n) return n;
 
-  struct rpc_client *c = lua_newuserdatauv(L, sizeof *c, 1);
+  struct rpc_client *c = lua_newuserdatauv(L, sizeof *c, 2);
   memset(c, 0, sizeof *c);
   luaL_setmetatable(L, CLIENT_MT);
   lua_newtable(L);
   lua_setiuservalue(L, -2, UV_OUTCOMES);
+  lua_rotate(L, -2, 1);  /* the codec's functions, on top */
+  lua_setiuservalue(L, -2, UV_CODEC);
+  c->codec = codec;
   init_amqp_pool(&c->pool, 4096);
   c->sweep_at = SWEEP_MIN;
   c->open = 1;  /* from here on, close (and so __gc) frees whatever is acquired */
@@ -145,22 +153,30 @@ static int correlation_of(const amqp_basic_properties_t *p, unsigned char id[16]
          pending_parse_id(p->correlation_id.bytes, p->correlation_id.len, id);
 }
 
-/* Keeps an outcome for call id, whose waiter is not reading now: one Lua string, referenced
- * from the client's outcomes table until its wait takes it. Allocating may run finalizers,
- * which may close the client or add calls: the call is looked up again after. */
+/* Keeps an outcome for call id, whose waiter is not reading now: one Lua string (and, props
+ * not NULL, the reply's properties table), referenced from the client's outcomes table until
+ * its wait takes it. Allocating may run finalizers, which may close the client (freeing the
+ * message data and props point into: both are read first) or add calls: the call is looked
+ * up again after. */
 static void keep(lua_State *L, struct rpc_client *c, int idx, const unsigned char id[16],
-                 enum call_state state, const char *kind, const char *data, size_t len) {
+                 enum call_state state, const char *kind, const char *data, size_t len,
+                 const amqp_basic_properties_t *props) {
   lua_getiuservalue(L, idx, UV_OUTCOMES);
+  int outcomes = lua_gettop(L);
+  if (props) rpc_codec_push_properties(L, props);
   lua_pushlstring(L, data, len);
-  int ref = luaL_ref(L, -2);
+  int ref = luaL_ref(L, outcomes);
+  int props_ref = props ? luaL_ref(L, outcomes) : LUA_NOREF;
   struct rpc_call *call = c->open ? pending_find(&c->pending, id) : NULL;
   if (call && call->state == CALL_WAITING) {
     call->ref = ref;
+    call->props_ref = props_ref;
     call->state = state;
     call->kind = kind;
     if (call->waiter) loop_wake(L, call->waiter);
   } else if (lua_istable(L, -1)) {
     luaL_unref(L, -1, ref);
+    luaL_unref(L, -1, props_ref);
   }
   lua_pop(L, 1);
 }
@@ -172,7 +188,7 @@ static void fail_all(lua_State *L, struct rpc_client *c, int idx, const char *ki
     if (!call->used || call->state != CALL_WAITING) continue;
     unsigned char id[16];
     memcpy(id, call->id, 16);
-    keep(L, c, idx, id, CALL_FAILED, kind, message, strlen(message));
+    keep(L, c, idx, id, CALL_FAILED, kind, message, strlen(message), NULL);
   }
 }
 
@@ -186,23 +202,52 @@ static void fail_nacked(lua_State *L, struct rpc_client *c, int idx) {
     if (call->seq == c->conn.nacked || (c->conn.nacked_multiple && call->seq < c->conn.nacked)) {
       unsigned char id[16];
       memcpy(id, call->id, 16);
-      keep(L, c, idx, id, CALL_FAILED, "broker", message, sizeof message - 1);
+      keep(L, c, idx, id, CALL_FAILED, "broker", message, sizeof message - 1, NULL);
     }
   }
 }
 
-/* Pushes a settled call's result (reply, or nil, message, kind) and forgets the call. */
+/* With a codec, the reply, first of the n results on top (a reply and maybe its properties),
+ * decoded in place; a reply the codec refuses (or a raise in it) is nil, message, "codec". The
+ * call is forgotten already: nothing stays pending or flagged. */
+static int decoded(lua_State *L, struct rpc_client *c, int idx, int n) {
+  if (!c->codec.on || n < 1 || n > 2) return n;
+  int reply = lua_gettop(L) - n + 1;
+  if (rpc_codec_decode(L, &c->codec, idx, UV_CODEC, reply, "decode the reply")) {
+    lua_replace(L, reply);
+    return n;
+  }
+  lua_replace(L, reply);
+  lua_settop(L, reply);
+  if (loop_took_interrupt(L, c->loop)) {  /* Ctrl-C while the codec ran: not the reply's fault */
+    lua_settop(L, reply - 1);
+    return rpc_fail(L, "interrupted", "interrupted while decoding the reply");
+  }
+  c->stats.codec_errors++;
+  lua_pushnil(L);
+  lua_insert(L, reply);
+  lua_pushliteral(L, "codec");
+  return 3;
+}
+
+/* Pushes a settled call's result (reply [, properties], or nil, message, kind) and forgets the
+ * call. */
 static int take(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
   enum call_state state = call->state;
   const char *kind = call->kind;
-  int ref = call->ref;
+  int ref = call->ref, props_ref = call->props_ref;
   pending_remove(&c->pending, call);
   if (state == CALL_FAILED) lua_pushnil(L);
   lua_getiuservalue(L, idx, UV_OUTCOMES);
-  lua_rawgeti(L, -1, ref);
-  luaL_unref(L, -2, ref);
-  lua_remove(L, -2);
-  if (state == CALL_REPLIED) return 1;
+  int outcomes = lua_gettop(L);
+  lua_rawgeti(L, outcomes, ref);
+  luaL_unref(L, outcomes, ref);
+  if (props_ref != LUA_NOREF) {
+    lua_rawgeti(L, outcomes, props_ref);
+    luaL_unref(L, outcomes, props_ref);
+  }
+  lua_remove(L, outcomes);
+  if (state == CALL_REPLIED) return decoded(L, c, idx, props_ref != LUA_NOREF ? 2 : 1);
   lua_pushstring(L, kind);
   return 3;
 }
@@ -216,12 +261,15 @@ static int push_result(lua_State *L, enum call_state state, const char *kind, co
   return 3;
 }
 
-/* A server says "too_large" when it refused the request for its size; any other error is the
- * handler's, "remote". Only known kinds pass: a server cannot invent one. */
+/* A server says "too_large" when it refused the request for its size, "codec" when its codec
+ * could not decode it; any other error is the handler's, "remote". Only known kinds pass: a
+ * server cannot invent one. */
 static const char *remote_kind(const amqp_basic_properties_t *p) {
   size_t len;
   const char *kind = conn_header(p, RPC_ERROR_KIND_HEADER, &len);
-  return kind && len == 9 && memcmp(kind, "too_large", 9) == 0 ? "too_large" : "remote";
+  if (kind && len == 9 && memcmp(kind, "too_large", 9) == 0) return "too_large";
+  if (kind && len == 5 && memcmp(kind, "codec", 5) == 0) return "codec";
+  return "remote";
 }
 
 /* Settles the call the message in hand answers. If it is target, pushes the result straight
@@ -268,11 +316,16 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
     len = m->size;
     c->stats.replies++;
   }
+  const amqp_basic_properties_t *props = state == CALL_REPLIED && call->want_props ? m->props : NULL;
   if (memcmp(id, target, 16) == 0) {
     pending_remove(&c->pending, call);
-    return push_result(L, state, kind, data, len);
+    if (!props) return push_result(L, state, kind, data, len);
+    rpc_codec_push_properties(L, props);  /* before the body, which is read before any finalizer */
+    push_result(L, state, kind, data, len);
+    lua_insert(L, -2);
+    return 2;
   }
-  keep(L, c, idx, id, state, kind, data, len);
+  keep(L, c, idx, id, state, kind, data, len, props);
   return 0;
 }
 
@@ -330,6 +383,7 @@ static void forget_call(lua_State *L, struct rpc_client *c, int idx, struct rpc_
   if (call->ref != LUA_NOREF) {
     lua_getiuservalue(L, idx, UV_OUTCOMES);
     luaL_unref(L, -1, call->ref);
+    luaL_unref(L, -1, call->props_ref);
     lua_pop(L, 1);
     c->stats.discarded++;
   }
@@ -456,7 +510,7 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
         if (!loop_took_interrupt(L, c->loop)) return lua_error(L);
         return rpc_fail(L, "interrupted", "interrupted while waiting for a reply");
       }
-      if (n) return n;
+      if (n) return decoded(L, c, idx, n);
       continue;  /* a finalizer may have closed it; another reply may have settled it */
     }
     if (rpc_now() >= deadline) return timed_out(L, c, call);
@@ -504,12 +558,13 @@ struct request {  /* what each request of one call, send or call_all carries */
   amqp_bytes_t exchange, routing_key;
   double timeout;
   int arg, headers;  /* the callopts argument; the stack index of its headers table, or 0 */
+  int properties;    /* the reply's properties go with it */
 };
 
 static const char *const call_options[] = {"content_type", "headers", "persistent", "priority",
-                                           "exchange", "routing_key", NULL};
+                                           "exchange", "routing_key", "properties", NULL};
 static const char *const send_options[] = {"content_type", "headers", "persistent", "priority",
-                                           "exchange", "routing_key", "timeout", NULL};
+                                           "exchange", "routing_key", "timeout", "properties", NULL};
 
 static amqp_bytes_t short_string(lua_State *L, int arg, const char *key, const char *def) {
   size_t len;
@@ -531,6 +586,11 @@ static void read_request(lua_State *L, struct rpc_client *c, int arg, const char
   r->headers = 0;
   r->exchange = amqp_cstring_bytes(c->exchange);
   r->routing_key = amqp_cstring_bytes(c->queue);
+  r->properties = 0;
+  if (c->codec.content_type_len) {  /* what the codec makes, unless callopts say otherwise */
+    p->_flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
+    p->content_type = (amqp_bytes_t){c->codec.content_type_len, c->codec.content_type};
+  }
   if (lua_isnoneornil(L, arg)) return;
   opts_check_keys(L, arg, keys);
   amqp_bytes_t content_type = short_string(L, arg, "content_type", NULL);
@@ -538,6 +598,7 @@ static void read_request(lua_State *L, struct rpc_client *c, int arg, const char
     p->_flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
     p->content_type = content_type;
   }
+  r->properties = opts_boolean(L, arg, "properties", 0);
   if (opts_boolean(L, arg, "persistent", 0)) {
     p->_flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
     p->delivery_mode = 2;
@@ -631,6 +692,7 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
     call->deadline = deadline;
     call->waited = waited;
     call->seq = c->confirm ? ++c->published : 0;
+    call->want_props = r->properties;
     /* mandatory: an unroutable request comes back as basic.return and fails the call at once */
     if (!conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props,
                       (amqp_bytes_t){len, (void *)body}, r->timeout))
@@ -642,11 +704,23 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
   }  /* the next attempt reconnects, unless a finalizer run by fail_all already did */
 }
 
+/* The body at arg: a string (a number becomes its decimal text); with a codec, any value,
+ * encoded in its place first (user code: before callopts are read, whose strings it could
+ * change). A value the codec refuses is the caller's bad argument. */
+static const char *check_body(lua_State *L, struct rpc_client *c, int arg, size_t *len) {
+  if (!c->codec.on) return luaL_checklstring(L, arg, len);
+  luaL_checkany(L, arg);
+  if (!rpc_codec_encode(L, &c->codec, 1, UV_CODEC, arg, "encode the body"))
+    luaL_argerror(L, arg, lua_tostring(L, -1));
+  lua_replace(L, arg);
+  return lua_tolstring(L, arg, len);
+}
+
 /* client:call(body [, timeout [, callopts]]) */
 static int client_call(lua_State *L) {
   struct rpc_client *c = check_usable_client(L);
   size_t len;
-  const char *body = luaL_checklstring(L, 2, &len);  /* a number becomes its decimal text */
+  const char *body = check_body(L, c, 2, &len);
   struct request r;
   r.timeout = opts_check_timeout(L, 3, c->timeout);
   read_request(L, c, 4, call_options, &r);
@@ -661,7 +735,7 @@ static int client_call(lua_State *L) {
 static int client_send(lua_State *L) {
   struct rpc_client *c = check_usable_client(L);
   size_t len;
-  const char *body = luaL_checklstring(L, 2, &len);
+  const char *body = check_body(L, c, 2, &len);
   struct request r;
   r.timeout = c->timeout;
   read_request(L, c, 3, send_options, &r);
@@ -761,12 +835,27 @@ static int batch_outside_k(lua_State *L, int status, lua_KContext ctx) {
   return 1;
 }
 
+/* With a codec, the bodies list at arg replaced by a list of their encodings, made before
+ * anything is read or sent; one the codec refuses is a bad argument. */
+static void encode_bodies(lua_State *L, struct rpc_client *c, int arg, lua_Integer n) {
+  lua_createtable(L, (int)n, 0);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, arg, i);
+    if (!rpc_codec_encode(L, &c->codec, 1, UV_CODEC, -1, "encode the body"))
+      luaL_argerror(L, arg, lua_pushfstring(L, "bodies[%I]: %s", i, lua_tostring(L, -1)));
+    lua_rawseti(L, -3, i);
+    lua_pop(L, 1);
+  }
+  lua_replace(L, arg);
+}
+
 /* replies = client:call_all(bodies [, timeout [, callopts]]): all requests in flight at once,
  * the replies in order; the first failure ends it with nil, "request i of n: ...", kind. */
 static int client_call_all(lua_State *L) {
   struct rpc_client *c = check_usable_client(L);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_Integer n = (lua_Integer)lua_rawlen(L, 2);
+  if (c->codec.on) encode_bodies(L, c, 2, n);
   for (lua_Integer i = 1; i <= n; i++) {
     int t = lua_rawgeti(L, 2, i);
     if (t != LUA_TSTRING && t != LUA_TNUMBER)
@@ -776,6 +865,9 @@ static int client_call_all(lua_State *L) {
   }
   struct request r;
   r.timeout = opts_check_timeout(L, 3, c->timeout);
+  if (opts_get(L, 4, "properties") != LUA_TNIL)
+    luaL_argerror(L, 4, "option 'properties' is not for call_all (use send with properties = true, then wait)");
+  lua_pop(L, 1);
   read_request(L, c, 4, call_options, &r);
   for (lua_Integer i = 1; i <= n; i++) {  /* all or nothing: none is sent if one is too large */
     lua_rawgeti(L, 2, i);
@@ -848,13 +940,14 @@ static int client_close(lua_State *L) {
 
 static int client_stats(lua_State *L) {
   struct rpc_client *c = check_client(L);
-  lua_createtable(L, 0, 6);
+  lua_createtable(L, 0, 7);
   rpc_set_count(L, "calls", c->stats.calls);
   rpc_set_count(L, "replies", c->stats.replies);
   rpc_set_count(L, "timeouts", c->stats.timeouts);
   rpc_set_count(L, "remote_errors", c->stats.remote_errors);
   rpc_set_count(L, "no_route", c->stats.no_route);
   rpc_set_count(L, "discarded", c->stats.discarded);
+  rpc_set_count(L, "codec_errors", c->stats.codec_errors);
   return 1;
 }
 

@@ -38,7 +38,7 @@ struct rpc_call *pending_add(struct rpc_pending *p, const unsigned char id[16]) 
   memcpy(call->id, id, 16);
   call->used = 1;
   call->state = CALL_WAITING;
-  call->ref = LUA_NOREF;
+  call->ref = call->props_ref = LUA_NOREF;
   p->count++;
   return call;
 }

@@ -38,7 +38,7 @@
 #define RPC_DRAIN 30.0          /* seconds run() lets requests in progress finish after a signal */
 #define RPC_DIRECT_REPLY_TO "amq.rabbitmq.reply-to"
 #define RPC_ERROR_HEADER "x-rpc-error"
-#define RPC_ERROR_KIND_HEADER "x-rpc-error-kind"  /* set only for kinds a client maps: too_large */
+#define RPC_ERROR_KIND_HEADER "x-rpc-error-kind"  /* set only for kinds a client maps: too_large, codec */
 #define RPC_MAX_BODY_LIMIT 536870912  /* RabbitMQ refuses messages over 512 MiB whatever its config */
 
 /* ---- errors (core.c) ---- */
@@ -133,6 +133,30 @@ const char *conn_header(const amqp_basic_properties_t *p, const char *key, size_
 void table_from_lua(lua_State *L, int idx, int argn, amqp_pool_t *pool, amqp_table_t *out);
 int table_push(lua_State *L, const amqp_table_t *t);  /* 0: over the caps, nothing pushed */
 
+/* ---- bodies and properties (codec.c) ---- */
+struct rpc_codec {              /* opts.codec; its functions are a user value of its owner */
+  int on;
+  const char *name;             /* "json" or "custom", for messages */
+  size_t content_type_len;      /* what encoded bodies carry unless told otherwise (0: none) */
+  char content_type[256];
+};
+/* Checks opts.codec (bad arguments raise) and pushes what the owner keeps as the user value
+ * the other functions take (nil without a codec); returns 0. When "json" cannot load
+ * lua-cjson, pushes nil, message, "codec" and returns 3 instead. Runs require. */
+int rpc_codec_new(lua_State *L, int opts, struct rpc_codec *codec);
+/* Encode or decode the value at idx with the codec kept as user value uv of the userdata at
+ * owner, protected: pushes the result and returns 1, or pushes "cannot <what> (codec name):
+ * why" and returns 0. An encoding is a string, a decoding never nil. */
+int rpc_codec_encode(lua_State *L, const struct rpc_codec *codec, int owner, int uv, int idx, const char *what);
+int rpc_codec_decode(lua_State *L, const struct rpc_codec *codec, int owner, int uv, int idx, const char *what);
+/* Pushes {content_type =, headers =} of p (a reply in hand), for a caller with properties. */
+void rpc_codec_push_properties(lua_State *L, const amqp_basic_properties_t *p);
+/* A handler's reply properties at idx (content_type, headers), checked and converted into out,
+ * allocating from pool: pushes the private copy out points into (keep it on the stack until
+ * the publish) and returns 1, or pushes the message of a handler error and returns 0. Never
+ * raises but for memory. */
+int rpc_codec_reply_properties(lua_State *L, int idx, amqp_pool_t *pool, amqp_basic_properties_t *out);
+
 /* ---- pending calls (pending.c): correlation id -> call ---- */
 enum call_state { CALL_WAITING, CALL_REPLIED, CALL_FAILED };
 
@@ -142,6 +166,8 @@ struct rpc_call {
   enum call_state state;
   const char *kind;             /* CALL_FAILED only */
   int ref;                      /* the reply or failure text, kept for its waiter (LUA_NOREF) */
+  int want_props;               /* properties = true: the reply's properties go with it */
+  int props_ref;                /* and are kept there (LUA_NOREF) */
   int waited;                   /* a wait() is under way on it */
   lua_State *waiter;            /* the handler thread suspended in that wait, to wake; or NULL */
   double wait_deadline;         /* when that wait ends */

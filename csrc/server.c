@@ -17,7 +17,7 @@
 #define MAX_RETRY 30.0         /* the backoff doubles up to this */
 
 /* user values */
-enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_REQUESTS, UV_COUNT = UV_REQUESTS };
+enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_REQUESTS, UV_CODEC, UV_COUNT = UV_CODEC };
 /* UV_REQUESTS: thread -> true for the handler threads under way (they anchor themselves) */
 
 /* What a request's reply and ack need, copied from the delivery: its handler may run on after
@@ -26,6 +26,7 @@ struct request {
   uint64_t tag;
   unsigned long generation;   /* of the connection it came on: its tag means nothing on another */
   int reply_due, ack_due;     /* what is still to do for it */
+  int codec_failed;           /* its body did not decode: the handler never ran */
   int has_correlation_id;
   size_t reply_to_len, correlation_id_len;
   char reply_to[256], correlation_id[256];  /* shortstrs */
@@ -58,8 +59,10 @@ struct rpc_server {
   double backoff, retry_at;   /* while the connection is down */
   uint32_t jitter;            /* xorshift state for the backoff's jitter */
   int has_allow;      /* opts.reply_to_allow was given */
+  struct rpc_codec codec;     /* opts.codec */
   struct {
-    lua_Integer requests, replies, errors, no_reply_to, refused_reply_to, too_large, reconnects;
+    lua_Integer requests, replies, errors, no_reply_to, refused_reply_to, too_large, reconnects,
+        codec_errors;
   } stats;
 };
 
@@ -117,9 +120,10 @@ static int push_request(lua_State *L, const struct rpc_message *m) {
 }
 
 /* Replies to r: failed, the reply is an error message; kind, if not NULL, the x-rpc-error-kind
- * a client maps. Runs no Lua code. */
+ * a client maps; extra, if not NULL, the content type and headers a reply (not an error) carries.
+ * Runs no Lua code. */
 static int publish_reply(struct rpc_server *s, struct request *r, const char *reply, size_t len,
-                         int failed, const char *kind) {
+                         int failed, const char *kind, const amqp_basic_properties_t *extra) {
   r->reply_due = 0;
   if (!s->open || !s->conn.amqp) return -1;  /* the request goes back to the queue */
   amqp_basic_properties_t props;
@@ -128,6 +132,11 @@ static int publish_reply(struct rpc_server *s, struct request *r, const char *re
   if (r->has_correlation_id) {
     props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
     props.correlation_id = (amqp_bytes_t){r->correlation_id_len, r->correlation_id};
+  }
+  if (extra && !failed) {
+    props._flags |= extra->_flags & (AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_HEADERS_FLAG);
+    props.content_type = extra->content_type;
+    props.headers = extra->headers;
   }
   if (failed) {
     error[0].key = amqp_cstring_bytes(RPC_ERROR_HEADER);
@@ -172,6 +181,7 @@ static void take_in_hand(struct rpc_server *s) {
   r->generation = s->generation;
   r->ack_due = 1;
   r->reply_due = 0;
+  r->codec_failed = 0;
   r->reply_to_len = has_reply_to(p) ? p->reply_to.len : 0;
   if (r->reply_to_len) memcpy(r->reply_to, p->reply_to.bytes, r->reply_to_len);
   r->has_correlation_id = (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) != 0;
@@ -225,20 +235,72 @@ static const char *printable(char out[80], amqp_bytes_t b) {
 static void refuse_too_large(lua_State *L, struct rpc_server *s, const char *what) {
   s->stats.too_large++;
   const char *text = lua_pushfstring(L, "%s (request refused by queue '%s')", what, s->queue);
-  if (s->in_hand.reply_due) publish_reply(s, &s->in_hand, text, strlen(text), 1, "too_large");
+  if (s->in_hand.reply_due) publish_reply(s, &s->in_hand, text, strlen(text), 1, "too_large", NULL);
   lua_pop(L, 1);
 }
 
-/* The reply for a handler's outcome (arguments: server, value, ok): text, failed, kind. */
+/* What reply_text fills in for request_done: the properties a successful reply carries, their
+ * memory (request_done's own, emptied after the publish), and whether the body never decoded. */
+struct reply_out {
+  amqp_pool_t pool;
+  amqp_basic_properties_t props;
+  int codec_failed;
+};
+
+/* A failure reply_text made of the handler's results: the message on top (popped) replaces
+ * the value (2), and is the server's last error. */
+static void handler_failed(lua_State *L) {
+  lua_pushvalue(L, -1);
+  lua_setiuservalue(L, 1, UV_LAST_ERROR);
+  lua_replace(L, 2);
+}
+
+/* With a codec, the handler's value at 2 encoded in its place, and the codec's content type
+ * for the reply; a value it cannot encode is a handler failure. Returns 1 if encoded. */
+static int encode_reply(lua_State *L, struct rpc_server *s, struct reply_out *out) {
+  if (!rpc_codec_encode(L, &s->codec, 1, UV_CODEC, 2, "encode the handler's reply")) {
+    handler_failed(L);
+    return 0;
+  }
+  lua_replace(L, 2);
+  if (s->codec.content_type_len && !(out->props._flags & AMQP_BASIC_CONTENT_TYPE_FLAG)) {
+    out->props._flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
+    out->props.content_type = (amqp_bytes_t){s->codec.content_type_len, s->codec.content_type};
+  }
+  return 1;
+}
+
+/* The reply for a handler's outcome (arguments: server, value, ok, the handler's reply
+ * properties, out): text, failed, kind, and what out's properties point into. */
 static int reply_text(lua_State *L) {
   struct rpc_server *s = lua_touserdata(L, 1);
-  int ok = lua_toboolean(L, 3), type = lua_type(L, 2);
-  int failed = !ok || (type != LUA_TSTRING && type != LUA_TNUMBER);
-  if (ok && failed) {
+  struct reply_out *out = lua_touserdata(L, 5);
+  int ok = lua_toboolean(L, 3);
+  lua_settop(L, 4);
+  lua_pushnil(L);  /* 5: the properties' copy, if any */
+  if (out->codec_failed) {  /* the handler never ran: 2 is why */
+    s->stats.codec_errors++;
+    lua_pushvalue(L, 2);
+    lua_pushboolean(L, 1);
+    lua_pushliteral(L, "codec");
+    lua_pushnil(L);
+    return 4;
+  }
+  int failed = !ok;
+  if (!failed && !lua_isnil(L, 4)) {  /* checked first: they go with whatever the handler returned */
+    if (rpc_codec_reply_properties(L, 4, &out->pool, &out->props)) {
+      lua_replace(L, 5);
+    } else {
+      handler_failed(L);
+      failed = 1;
+    }
+  }
+  if (!failed && s->codec.on && !encode_reply(L, s, out)) failed = 1;
+  int type = lua_type(L, 2);
+  if (!failed && type != LUA_TSTRING && type != LUA_TNUMBER) {
     lua_pushfstring(L, "handler returned %s (a string or number expected)", luaL_typename(L, 2));
-    lua_pushvalue(L, -1);
-    lua_setiuservalue(L, 1, UV_LAST_ERROR);
-    lua_replace(L, 2);
+    handler_failed(L);
+    failed = 1;
   }
   if (failed) s->stats.errors++;
   size_t len;
@@ -251,43 +313,53 @@ static int reply_text(lua_State *L) {
     lua_pushvalue(L, 2);
     lua_pushboolean(L, 1);
     lua_pushliteral(L, "too_large");
-    return 3;
+    lua_pushnil(L);
+    return 4;
   }
   lua_pushvalue(L, 2);
   lua_pushboolean(L, failed);
   lua_pushnil(L);
-  return 3;
+  lua_pushvalue(L, 5);
+  return 4;
 }
 
 /* The end of a handler thread (request_main's continuation, or its return): the reply, the
  * ack, and the thread's anchors released. Stack: 1 request, 2 message handler, 3 the handler's
- * result or error. Whatever raises is protected: the request is always answered and acked. */
+ * result or error, 4 its reply properties. Whatever raises is protected: the request is always
+ * answered and acked. */
 static int request_done(lua_State *T, int status, lua_KContext armed) {
   struct request *r = lua_touserdata(T, 1);
-  lua_settop(T, 3);
-  lua_getiuservalue(T, 1, 1);  /* 4: the server */
-  struct rpc_server *s = lua_touserdata(T, 4);
+  lua_settop(T, 4);
+  lua_getiuservalue(T, 1, 1);  /* 5: the server */
+  struct rpc_server *s = lua_touserdata(T, 5);
   int ok = status == LUA_OK || status == LUA_YIELD;
   if (!ok && armed && s->loop && loop_sigint_fired()) loop_note_interrupt(s->loop);
+  struct reply_out out;  /* lives until the publish: nothing in between yields or raises */
+  init_amqp_pool(&out.pool, 1024);
+  out.props._flags = 0;
+  out.codec_failed = r->codec_failed;
   lua_pushcfunction(T, reply_text);
-  lua_pushvalue(T, 4);
+  lua_pushvalue(T, 5);
   lua_pushvalue(T, 3);
   lua_pushboolean(T, ok);
+  lua_pushvalue(T, 4);
+  lua_pushlightuserdata(T, &out);
   size_t len = 0;
   const char *reply = "rabbitrpc: not enough memory for the reply", *kind = NULL;
   int failed = 1;
-  if (lua_pcall(T, 3, 3, 0) == LUA_OK) {
-    reply = lua_tolstring(T, 5, &len);
-    failed = lua_toboolean(T, 6);
-    kind = lua_tostring(T, 7);
+  if (lua_pcall(T, 5, 4, 0) == LUA_OK) {  /* 6 text, 7 failed, 8 kind, 9 what out points into */
+    reply = lua_tolstring(T, 6, &len);
+    failed = lua_toboolean(T, 7);
+    kind = lua_tostring(T, 8);
   } else {
     len = strlen(reply);
   }
-  if (r->reply_due) publish_reply(s, r, reply, len, failed, kind);
+  if (r->reply_due) publish_reply(s, r, reply, len, failed, kind, &out.props);
   else if (!r->reply_to_len) s->stats.no_reply_to++;
+  empty_amqp_pool(&out.pool);
   ack_request(s, r);
   s->in_progress--;
-  lua_getiuservalue(T, 4, UV_REQUESTS);
+  lua_getiuservalue(T, 5, UV_REQUESTS);
   lua_pushthread(T);
   lua_pushnil(T);
   lua_rawset(T, -3);
@@ -306,7 +378,7 @@ static int request_abort(lua_State *L) {
   size_t len = sizeof unknown - 1;
   const char *why = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &len) : unknown;
   s->stats.errors++;
-  if (r->reply_due) publish_reply(s, r, why, len, 1, NULL);
+  if (r->reply_due) publish_reply(s, r, why, len, 1, NULL, NULL);
   ack_request(s, r);
   s->in_progress--;
   lua_getiuservalue(L, 3, UV_REQUESTS);
@@ -316,10 +388,31 @@ static int request_abort(lua_State *L) {
   return 0;
 }
 
-/* A handler thread's function: 1 request, 2 message handler, 3 handler, then its arguments. */
+/* With a codec, the body (4) decoded in its place, in the handler's thread. Returns 0; or, a
+ * body the codec refuses, leaves why at 3 (the handler's place) and returns 1: the handler
+ * does not run, the caller gets kind "codec". */
+static int decode_request(lua_State *T, struct request *r) {
+  lua_getiuservalue(T, 1, 1);
+  struct rpc_server *s = lua_touserdata(T, -1);
+  int top = lua_gettop(T);
+  if (s->codec.on && rpc_codec_decode(T, &s->codec, top, UV_CODEC, 4, "decode the request")) {
+    lua_replace(T, 4);
+  } else if (s->codec.on) {
+    r->codec_failed = 1;
+    lua_replace(T, 3);
+    lua_settop(T, 3);
+    return 1;
+  }
+  lua_settop(T, top - 1);
+  return 0;
+}
+
+/* A handler thread's function: 1 request, 2 message handler, 3 handler, then its arguments.
+ * The handler's results: its reply and the reply's properties. */
 static int request_main(lua_State *T) {
   int armed = loop_sigint_armed();
-  int status = lua_pcallk(T, lua_gettop(T) - 3, 1, 2, armed, request_done);
+  if (decode_request(T, lua_touserdata(T, 1))) return request_done(T, LUA_ERRRUN, 0);
+  int status = lua_pcallk(T, lua_gettop(T) - 3, 2, 2, armed, request_done);
   return request_done(T, status, armed);
 }
 
@@ -480,7 +573,7 @@ static void recover(lua_State *L, struct rpc_server *s, int idx) {
   lua_setiuservalue(L, idx, UV_LAST_ERROR);  /* keeps why alive */
   s->stats.errors++;
   if (s->conn.msg.kind == EV_DELIVERY) {
-    if (s->in_hand.reply_due) publish_reply(s, &s->in_hand, why, len, 1, NULL);
+    if (s->in_hand.reply_due) publish_reply(s, &s->in_hand, why, len, 1, NULL, NULL);
     ack_request(s, &s->in_hand);
   }
   s->in_hand.reply_due = s->in_hand.ack_due = 0;
@@ -710,7 +803,7 @@ static void check_arguments_table(lua_State *L, int opts) {
 
 static const char *const server_options[] = {
     "url", "urls", "heartbeat", "connect_timeout", "durable", "exclusive", "auto_delete",
-    "arguments", "prefetch", "log", "max_body", "tls", "reply_to_allow", "bind", NULL};
+    "arguments", "prefetch", "log", "max_body", "tls", "reply_to_allow", "bind", "codec", NULL};
 
 /* Pushes the pattern at idx anchored at both ends, unless it already is: every pattern must
  * match the whole name, a lazy one too. */
@@ -784,6 +877,10 @@ static int server_new(lua_State *L) {
   int allow = lua_istable(L, -1) ? lua_gettop(L) : 0;
   push_bindings(L, 3);
   int bind = lua_istable(L, -1) ? lua_gettop(L) : 0;
+  struct rpc_codec codec;
+  int n = rpc_codec_new(L, 3, &codec);
+  if (n) return n;
+  int codec_idx = lua_gettop(L);
 
   struct rpc_server *s = lua_newuserdatauv(L, sizeof *s, UV_COUNT);
   memset(s, 0, sizeof *s);
@@ -819,12 +916,15 @@ static int server_new(lua_State *L) {
     lua_setiuservalue(L, idx, UV_ALLOW);
     s->has_allow = 1;
   }
+  lua_pushvalue(L, codec_idx);
+  lua_setiuservalue(L, idx, UV_CODEC);
+  s->codec = codec;
   s->server_named = qlen == 0;
   if (s->server_named) s->exclusive = 1;  /* a new name per connection: the old queue must go with it */
   s->jitter = ((uint32_t)((uintptr_t)s >> 4) ^ (uint32_t)(rpc_now() * 1e6)) | 1;  /* never 0 */
   s->open = 1;
   if (conn_open(&s->conn, s->conn.connect_timeout) || declare_and_consume(s)) {
-    int n = rpc_fail(L, s->conn.error_kind, s->conn.error);
+    n = rpc_fail(L, s->conn.error_kind, s->conn.error);
     server_close(L, s);
     return n;
   }
@@ -950,7 +1050,7 @@ static int server_close_method(lua_State *L) {
 
 static int server_stats(lua_State *L) {
   struct rpc_server *s = check_server(L, 1);
-  lua_createtable(L, 0, 10);
+  lua_createtable(L, 0, 11);
   rpc_set_count(L, "requests", s->stats.requests);
   rpc_set_count(L, "replies", s->stats.replies);
   rpc_set_count(L, "errors", s->stats.errors);
@@ -958,6 +1058,7 @@ static int server_stats(lua_State *L) {
   rpc_set_count(L, "refused_reply_to", s->stats.refused_reply_to);
   rpc_set_count(L, "too_large", s->stats.too_large);
   rpc_set_count(L, "reconnects", s->stats.reconnects);
+  rpc_set_count(L, "codec_errors", s->stats.codec_errors);
   rpc_set_count(L, "in_progress", s->in_progress);
   lua_pushboolean(L, s->conn.amqp != NULL);
   lua_setfield(L, -2, "connected");

@@ -36,26 +36,34 @@ static void value_from_lua(lua_State *L, amqp_field_value_t *v) {
   }
 }
 
+/* A bad entry: a bad argument argn; with argn 0 (a handler's reply headers, not an argument),
+ * a plain error. */
+static int table_error(lua_State *L, int argn, const char *message) {
+  if (argn > 0) return luaL_argerror(L, argn, message);
+  return luaL_error(L, "headers: %s", message);
+}
+
 /* Raises a bad argument naming argn unless the entry on top of the stack (key at -2) is a
  * string key up to 255 bytes with a string, number or boolean value. Returns its encoded size. */
 static size_t check_entry(lua_State *L, int argn) {
   if (lua_type(L, -2) != LUA_TSTRING)
-    luaL_argerror(L, argn, lua_pushfstring(L, "table keys must be strings, got %s",
+    table_error(L, argn, lua_pushfstring(L, "table keys must be strings, got %s",
                                            luaL_typename(L, -2)));
-  if (lua_rawlen(L, -2) > MAX_KEY) luaL_argerror(L, argn, "table key longer than 255 bytes");
+  if (lua_rawlen(L, -2) > MAX_KEY) table_error(L, argn, "table key longer than 255 bytes");
   int t = lua_type(L, -1);
   if (t != LUA_TSTRING && t != LUA_TNUMBER && t != LUA_TBOOLEAN)
-    luaL_argerror(L, argn, lua_pushfstring(L, "entry '%s' must be a string, number or boolean, got %s",
+    table_error(L, argn, lua_pushfstring(L, "entry '%s' must be a string, number or boolean, got %s",
                                            lua_tostring(L, -2), luaL_typename(L, -1)));
   if (t == LUA_TNUMBER && !lua_isinteger(L, -1) && !isfinite(lua_tonumber(L, -1)))  /* RabbitMQ: 541 */
-    luaL_argerror(L, argn, lua_pushfstring(L, "entry '%s' must be a finite number", lua_tostring(L, -2)));
+    table_error(L, argn, lua_pushfstring(L, "entry '%s' must be a finite number", lua_tostring(L, -2)));
   size_t value = t == LUA_TSTRING ? 4 + lua_rawlen(L, -1) : t == LUA_TNUMBER ? 8 : 1;
   return 1 + lua_rawlen(L, -2) + 1 + value;  /* key length, key, kind, value */
 }
 
 /* Converts the flat table at idx (string keys; string, number or boolean values) into out,
  * allocating from pool; with no pool it only checks. Every entry is checked before anything
- * is allocated, so a bad one raises (naming argument argn) with nothing to undo. The strings
+ * is allocated, so a bad one raises (naming argument argn, or plainly with argn 0) with nothing
+ * to undo. The strings
  * are borrowed: the table must outlive out. */
 void table_from_lua(lua_State *L, int idx, int argn, amqp_pool_t *pool, amqp_table_t *out) {
   int n = 0;
@@ -69,7 +77,7 @@ void table_from_lua(lua_State *L, int idx, int argn, amqp_pool_t *pool, amqp_tab
   /* it must fit one header frame with the other properties: a failed encoding after the
    * method frame went out would cost the whole connection */
   if (size > RPC_MAX_TABLE)
-    luaL_argerror(L, argn, lua_pushfstring(L, "table too large: %I bytes encoded, at most %d",
+    table_error(L, argn, lua_pushfstring(L, "table too large: %I bytes encoded, at most %d",
                                            (lua_Integer)size, RPC_MAX_TABLE));
   if (!pool) return;
   out->num_entries = 0;

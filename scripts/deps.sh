@@ -15,6 +15,7 @@ packages=(
   openssl                                           # TLS specs: test certificates (spec/support/make_certs.sh)
   strace                                            # limits spec: what the socket options become
   lua-cqueues lua-luv                               # outside event loops: spec, examples/luv_server.lua
+  lua-cjson                                         # opts.codec = "json": spec/codec_spec.lua
 )
 # scripts/deps.sh PACKAGE...: those packages instead (make fuzz: clang and its libFuzzer runtime).
 [ $# = 0 ] || packages=("$@")
