@@ -3,9 +3,11 @@
 Run it through bench/run.sh (it compiles the raw C programs first) with Debian's /usr/bin/python3.
 Each measurement is one server process and one client process on a fresh queue:
   server QUEUE PREFETCH                                  prints "ready", then {"served":N} on SIGTERM
-  client QUEUE MODE INFLIGHT WARMUP MEASURE SERVER_PID   prints one JSON line (see raw_client.c)
+  client QUEUE MODE INFLIGHT WARMUP MEASURE SERVER_PID [BROKER_PID]
+                                                         prints one JSON line (see raw_client.c)
 WARMUP and MEASURE are "2.5s" (seconds) or "1000" (calls).
-The client samples its own and the server's /proc at the start and end of its measured phase.
+The client samples its own, the server's and the broker's /proc at the start and end of its
+measured phase; the broker's pid is found once (find_broker).
 """
 import argparse
 import datetime
@@ -18,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -26,16 +29,18 @@ LUA = os.environ.get('LUA', 'lua5.4')
 PYTHON = '/usr/bin/python3'   # Debian's, with python3-pika 1.2; not whatever python3 is on PATH
 MARKER = '<!-- million -->'   # RESULTS.md: the main part before it, the million-call run after
 
-STACKS = {   # name: (server command, client command)
+STACKS = {   # name: (server command, client command[, server arguments after QUEUE PREFETCH])
     'c': ([os.path.join(OUT, 'raw_server')], [os.path.join(OUT, 'raw_client')]),
+    # the same server acking with multiple = true, as a library can: raw_server.c
+    'c-batched': ([os.path.join(OUT, 'raw_server')], [os.path.join(OUT, 'raw_client')], ['batched']),
     'rabbitrpc': ([LUA, os.path.join(BENCH, 'lua_server.lua')],
                   [LUA, os.path.join(BENCH, 'lua_client.lua')]),
     'pika': ([PYTHON, os.path.join(BENCH, 'pika_server.py')],
              [PYTHON, os.path.join(BENCH, 'pika_client.py')]),
 }
 # what is measured, in order; pika only as the tutorial does it (an exclusive reply queue)
-CONFIGS = [('c', 'direct'), ('rabbitrpc', 'direct'), ('c', 'exclusive'),
-           ('rabbitrpc', 'exclusive'), ('pika', 'exclusive')]
+CONFIGS = [('c', 'direct'), ('c-batched', 'direct'), ('rabbitrpc', 'direct'), ('c', 'exclusive'),
+           ('c-batched', 'exclusive'), ('rabbitrpc', 'exclusive'), ('pika', 'exclusive')]
 
 
 def env_default(name, default, kind=str):
@@ -46,8 +51,8 @@ def env_default(name, default, kind=str):
 def parse_args():
     p = argparse.ArgumentParser(
         prog='bench/run.sh',
-        description='Benchmarks raw C, rabbitrpc and pika request-reply against the broker at '
-                    'env RPC_URL. Every flag has an environment twin (in brackets).')
+        description='Benchmarks raw C (naive and batched acks), rabbitrpc and pika request-reply '
+                    'against the broker at env RPC_URL. Every flag has an environment twin (in brackets).')
     p.add_argument('--reps', type=int, default=env_default('BENCH_REPS', 3, int),
                    help='interleaved repetitions, medians over them [BENCH_REPS] (3)')
     p.add_argument('--seconds', type=float, default=env_default('BENCH_SECONDS', 3.0, float),
@@ -58,10 +63,14 @@ def parse_args():
                    help='warm-up seconds before each measurement [BENCH_WARMUP] (0.5)')
     p.add_argument('--inflight', default=env_default('BENCH_INFLIGHT', '1,10,100'),
                    help='in-flight counts; 1 is sequential calls [BENCH_INFLIGHT] (1,10,100)')
-    p.add_argument('--stacks', default=env_default('BENCH_STACKS', 'c,rabbitrpc,pika'),
-                   help='stacks to run [BENCH_STACKS] (c,rabbitrpc,pika)')
+    p.add_argument('--stacks', default=env_default('BENCH_STACKS', 'c,c-batched,rabbitrpc,pika'),
+                   help='stacks to run [BENCH_STACKS] (c,c-batched,rabbitrpc,pika)')
     p.add_argument('--modes', default=env_default('BENCH_MODES', 'direct,exclusive'),
                    help='reply modes to run [BENCH_MODES] (direct,exclusive)')
+    p.add_argument('--broker-pid', type=int, default=env_default('BENCH_BROKER_PID', 0, int),
+                   help="the broker's process (beam.smp) for its CPU [BENCH_BROKER_PID] (found: "
+                        "scripts/broker.sh's pid file for RPC_URL's port, else the process "
+                        "listening on that port)")
     p.add_argument('--results', default=env_default('BENCH_RESULTS', os.path.join(BENCH, 'RESULTS.md')),
                    help='markdown file to write; "-" for none [BENCH_RESULTS] (bench/RESULTS.md)')
     p.add_argument('--million', nargs='?', type=int, const=env_default('BENCH_MILLION_CALLS', 1000000, int),
@@ -80,7 +89,7 @@ def parse_args():
     a.measure = str(a.calls) if a.calls > 0 else f'{a.seconds:g}s'
     for s in a.stacks:
         if s not in STACKS:
-            p.error(f'unknown stack {s!r} (c, rabbitrpc, pika)')
+            p.error(f'unknown stack {s!r} ({", ".join(STACKS)})')
     return a
 
 
@@ -91,6 +100,80 @@ def child_env():
     env.setdefault('RPC_URL', 'amqp://guest:guest@localhost:5673/')
     env['BENCH_CLK_TCK'] = str(os.sysconf('SC_CLK_TCK'))
     return env
+
+
+# ---- the broker's process, for its CPU ----
+
+def is_process(pid):
+    return os.path.exists(f'/proc/{pid}/stat')
+
+
+def process_name(pid):
+    try:
+        with open(f'/proc/{pid}/comm') as f:
+            return f.read().strip()
+    except OSError:
+        return '?'
+
+
+def listening_pid(port):
+    """The process listening on TCP port (this network namespace), or None."""
+    inodes = set()
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()   # sl local_address rem_address st ... uid timeout inode
+                    if fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:
+                        inodes.add(f'socket:[{fields[9]}]')
+        except OSError:
+            pass
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            fds = os.listdir(f'/proc/{pid}/fd')
+        except OSError:   # gone, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f'/proc/{pid}/fd/{fd}') in inodes:
+                    return int(pid)
+            except OSError:
+                pass
+    return None
+
+
+def find_broker(a):
+    """(pid, how it was found) of the broker at RPC_URL, or (None, why not): its CPU is read
+    from /proc/PID/stat, which sums all the threads of the process (beam.smp)."""
+    if a.broker_pid:
+        if not is_process(a.broker_pid):
+            return None, f'--broker-pid {a.broker_pid}: no such process'
+        return a.broker_pid, 'given'
+    url = urllib.parse.urlsplit(child_env()['RPC_URL'])
+    port = url.port or (5671 if url.scheme == 'amqps' else 5672)
+    if url.hostname not in ('localhost', '127.0.0.1', '::1'):
+        return None, f'{url.hostname} is not this machine (give --broker-pid)'
+    # scripts/broker.sh: node rabbitrpc@localhost on port 5673, rabbitrpc-PORT@localhost on
+    # another, its pid file (the beam.smp's pid) in its state folder
+    node = os.environ.get('RPC_BROKER_NODE') or \
+        ('rabbitrpc@localhost' if port == 5673 else f'rabbitrpc-{port}@localhost')
+    node += '' if '@' in node else '@localhost'
+    pidfile = os.path.join(os.environ.get('RPC_BROKER_DIR') or os.path.join(ROOT, '.broker'), node + '.pid')
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        if is_process(pid) and process_name(pid) == 'beam.smp':
+            shown = os.path.relpath(pidfile, ROOT) if pidfile.startswith(ROOT + os.sep) else pidfile
+            return pid, f'pid file {shown}'
+    except (OSError, ValueError):
+        pass
+    pid = listening_pid(port)
+    if pid:
+        return pid, f'listening on port {port}'
+    return None, f'no pid file {pidfile} and no process of ours listening on port {port} (give --broker-pid)'
 
 
 queue_count = 0
@@ -139,19 +222,21 @@ def run_client(cmd, env, timeout):
         return {'error': f'client printed {lines[-1][:200]!r}'}
 
 
-def measure(stack, mode, inflight, warmup, how_much, timeout):
+def measure(stack, mode, inflight, warmup, how_much, timeout, broker_pid=None):
     """One server and one client on a fresh queue: the client's JSON plus 'served', or 'error'."""
     global queue_count
     queue_count += 1
     queue = f'bench-{os.getpid()}-{queue_count}'
-    server_cmd, client_cmd = STACKS[stack]
+    server_cmd, client_cmd, *server_args = STACKS[stack]
     env = child_env()
-    server, why = start_server(server_cmd + [queue, str(inflight)], env)
+    server_args = server_args[0] if server_args else []
+    server, why = start_server(server_cmd + [queue, str(inflight)] + server_args, env)
     if not server:
         return {'error': f'{stack} server did not start: {why}'}
     try:
         result = run_client(client_cmd + [queue, mode, str(inflight), f'{warmup:g}s', how_much,
-                                          str(server.pid)], env, timeout)
+                                          str(server.pid)] + ([str(broker_pid)] if broker_pid else []),
+                            env, timeout)
     finally:   # also on Ctrl-C
         served, problem = stop_server(server)
     if 'error' in result:
@@ -169,8 +254,10 @@ def describe(r):
         return 'FAILED: ' + r['error']
     if 'skipped' in r:
         return 'skipped: ' + r['skipped']
-    text = (f"{r['rate']:9,.0f} calls/s  client {r['client_cpu']:.2f} s  server {r['server_cpu']:.2f} s"
-            f"  RSS {r['client_rss_kb'] / 1024:.1f}/{r['server_rss_kb'] / 1024:.1f} MB")
+    text = f"{r['rate']:9,.0f} calls/s  client {r['client_cpu']:.2f} s  server {r['server_cpu']:.2f} s"
+    if r.get('broker_cpu') is not None:
+        text += f"  broker {r['broker_cpu']:.2f} s"
+    text += (f"  RSS {r['client_rss_kb'] / 1024:.1f}/{r['server_rss_kb'] / 1024:.1f} MB")
     if r['p50_us']:
         text += f"  p50 {r['p50_us']:.0f} µs  p99 {r['p99_us']:.0f} µs"
     if r.get('warning'):
@@ -244,13 +331,16 @@ def summarize(results, reps, inflights):
     def per_rep(stack, mode, k, f):
         return [f(r) if ok(r) else None for r in results.get((stack, mode, k), [None] * reps)]
 
-    def ratio(stack, mode, k):   # median over reps of (stack / raw C, same mode, same rep)
+    def ratio(stack, mode, k, base='c'):   # median over reps of (stack / base, same mode, same rep)
         mine = per_rep(stack, mode, k, lambda r: r['rate'])
-        base = per_rep('c', mode, k, lambda r: r['rate'])
-        return median([a / b for a, b in zip(mine, base) if a and b])
+        theirs = per_rep(base, mode, k, lambda r: r['rate'])
+        return median([a / b for a, b in zip(mine, theirs) if a and b])
 
-    def cpu10k(stack, mode, k, side):
-        return median(per_rep(stack, mode, k, lambda r: r[side + '_cpu'] / r['calls'] * 1e4))
+    def cpu10k(stack, mode, k, *sides):   # the sides' CPU summed, s per 10,000 calls
+        def one(r):
+            cpu = [r.get(side + '_cpu') for side in sides]
+            return None if None in cpu else sum(cpu) / r['calls'] * 1e4
+        return median(per_rep(stack, mode, k, one))
 
     # peak over the pipelined phases (the sequential one also holds the clients' latency
     # samples, up to a few hundred kB in Lua and Python), median over reps
@@ -265,6 +355,7 @@ def summarize(results, reps, inflights):
         return median(peaks)
 
     configs = sorted({(s, m) for s, m, _ in results}, key=lambda c: CONFIGS.index(c))
+    batched = any(s == 'c-batched' for s, _ in configs)   # the "ratio to batched C" columns
     seq = 1 if 1 in inflights else None
     big = max(inflights) if max(inflights) > 1 else None
     mid = sorted(inflights)[len(inflights) // 2] if len(inflights) > 2 else None
@@ -276,12 +367,18 @@ def summarize(results, reps, inflights):
     if big:
         head += [f'{big} in flight/s']
     cpu_k = seq or big
-    head += [f'client CPU s/10k ({"seq" if cpu_k == 1 else cpu_k})',
-             f'server CPU s/10k ({"seq" if cpu_k == 1 else cpu_k})', 'client RSS MB', 'server RSS MB']
+    cpu_ks = [k for k in (seq, big) if k]   # client+server and broker CPU: seq and the most in flight
+    label = lambda k: 'seq' if k == 1 else str(k)
+    head += [f'client CPU s/10k ({label(cpu_k)})', f'server CPU s/10k ({label(cpu_k)})']
+    head += [f'client+server CPU s/10k ({label(k)})' for k in cpu_ks]
+    head += [f'broker CPU s/10k ({label(k)})' for k in cpu_ks]
+    head += ['client RSS MB', 'server RSS MB']
     if seq:
         head += ['ratio seq']
     if big:
         head += [f'ratio {big}']
+    if batched:
+        head += [f'ratio to batched C {label(k)}' for k in cpu_ks]
     rows = []
     for stack, mode in configs:
         rate = lambda k: median(per_rep(stack, mode, k, lambda r: r['rate']))
@@ -294,30 +391,39 @@ def summarize(results, reps, inflights):
         if big:
             row += [fmt(rate(big))]
         row += [fmt(cpu10k(stack, mode, cpu_k, 'client'), '{:.2f}'),
-                fmt(cpu10k(stack, mode, cpu_k, 'server'), '{:.2f}'),
-                fmt(rss_mb(stack, mode, 'client'), '{:.1f}'), fmt(rss_mb(stack, mode, 'server'), '{:.1f}')]
+                fmt(cpu10k(stack, mode, cpu_k, 'server'), '{:.2f}')]
+        row += [fmt(cpu10k(stack, mode, k, 'client', 'server'), '{:.2f}') for k in cpu_ks]
+        row += [fmt(cpu10k(stack, mode, k, 'broker'), '{:.2f}') for k in cpu_ks]
+        row += [fmt(rss_mb(stack, mode, 'client'), '{:.1f}'), fmt(rss_mb(stack, mode, 'server'), '{:.1f}')]
         if seq:
             row += [fmt(ratio(stack, mode, 1), '{:.2f}')]
         if big:
             row += [fmt(ratio(stack, mode, big), '{:.2f}')]
+        if batched:
+            row += [fmt(ratio(stack, mode, k, 'c-batched'), '{:.2f}') for k in cpu_ks]
         rows.append(row)
     main = markdown_table(head, rows)
 
-    head = ['stack', 'mode', 'in flight', 'calls/s (median)', 'min – max', 'ratio to C',
-            'client CPU s/10k', 'server CPU s/10k', 'client RSS MB', 'server RSS MB']
+    head = ['stack', 'mode', 'in flight', 'calls/s (median)', 'min – max', 'ratio to C']
+    head += ['ratio to batched C'] if batched else []
+    head += ['client CPU s/10k', 'server CPU s/10k', 'client+server CPU s/10k', 'broker CPU s/10k',
+             'client RSS MB', 'server RSS MB']
     rows = []
     for k in inflights:
         for stack, mode in configs:
             rates = [v for v in per_rep(stack, mode, k, lambda r: r['rate']) if v]
             skipped = [r['skipped'] for r in results.get((stack, mode, k), []) if r and 'skipped' in r]
             if not rates and skipped:
-                rows.append([stack, mode, str(k), 'skipped: ' + skipped[0]] + [''] * 6)
+                rows.append([stack, mode, str(k), 'skipped: ' + skipped[0]] + [''] * (len(head) - 4))
                 continue
             rows.append([stack, mode, str(k), fmt(median(rates)),
                          f'{fmt(min(rates) if rates else None)} – {fmt(max(rates) if rates else None)}',
-                         fmt(ratio(stack, mode, k), '{:.2f}'),
-                         fmt(cpu10k(stack, mode, k, 'client'), '{:.2f}'),
+                         fmt(ratio(stack, mode, k), '{:.2f}')] +
+                        ([fmt(ratio(stack, mode, k, 'c-batched'), '{:.2f}')] if batched else []) +
+                        [fmt(cpu10k(stack, mode, k, 'client'), '{:.2f}'),
                          fmt(cpu10k(stack, mode, k, 'server'), '{:.2f}'),
+                         fmt(cpu10k(stack, mode, k, 'client', 'server'), '{:.2f}'),
+                         fmt(cpu10k(stack, mode, k, 'broker'), '{:.2f}'),
                          fmt(median(per_rep(stack, mode, k, lambda r: r['client_rss_kb'] / 1024)), '{:.1f}'),
                          fmt(median(per_rep(stack, mode, k, lambda r: r['server_rss_kb'] / 1024)), '{:.1f}')])
     return main, markdown_table(head, rows)
@@ -356,6 +462,10 @@ def bench(a):
     timeout = a.warmup + (a.seconds if a.calls <= 0 else a.calls / 100) + 60
     print(f'{total} measurements: {a.reps} reps x in flight {a.inflight} x {a.stacks} x {a.modes}; '
           f'warm-up {a.warmup} s, then {a.measure}; broker {child_env()["RPC_URL"]}', flush=True)
+    broker_pid, how = find_broker(a)
+    broker_line = (f'pid {broker_pid} ({process_name(broker_pid)}, {how})' if broker_pid
+                   else f'unknown: {how}')
+    print(f'broker process for its CPU: {broker_line}', flush=True)
     began, n, failures = time.monotonic(), 0, 0
     for rep in range(a.reps):
         # C and the others at one in-flight count back to back, in reverse order every other
@@ -366,7 +476,7 @@ def bench(a):
                 if stack not in a.stacks or mode not in a.modes:
                     continue
                 n += 1
-                r = measure(stack, mode, k, a.warmup, a.measure, timeout)
+                r = measure(stack, mode, k, a.warmup, a.measure, timeout, broker_pid)
                 failures += 'error' in r
                 results.setdefault((stack, mode, k), [None] * a.reps)[rep] = r
                 print(f'[{n}/{total}] rep {rep + 1} {stack:9} {mode:9} {k:3} in flight: {describe(r)}',
@@ -383,16 +493,22 @@ def bench(a):
         '# rabbitrpc benchmark', '',
         'Written by `make bench` (`bench/run.sh`); every figure is the median over the repetitions '
         'of one run, which interleaves the stacks. Ratios are medians of the per-repetition ratios '
-        'to raw C in the same reply mode (pika, tutorial style, to raw C exclusive).', '',
+        'to raw C in the same reply mode (pika, tutorial style, to raw C exclusive): "ratio" to '
+        'naive raw C (`c`: one basic.ack per request), "ratio to batched C" to raw C acking as a '
+        'library can (`c-batched`: one basic.ack with multiple = true once its read buffer is '
+        'empty or half the prefetch is unacked).', '',
         *machine_lines(m),
         f'- {a.reps} repetition(s); per measurement {a.warmup:g} s warm-up, then {amount}',
         f'- workload: 16-byte echo body, one client process and one server process, server prefetch '
         f'= in flight; the server acks after publishing the reply. Run took {elapsed:.0f} s; '
         f'raw data {os.path.relpath(raw, ROOT)} (not committed)',
+        f'- broker process: {broker_line if broker_pid else "unknown (" + how + "): no broker CPU"}',
         '', main, '',
         'seq: one call at a time (`client:call`); p50/p99: its latency. N in flight: a ring of N '
         '`send`s, each `wait` for the oldest followed by one more `send`. CPU: utime+stime of '
-        'each process over the measured phase, per 10,000 calls. RSS: peak (VmHWM) of each process, '
+        'each process over the measured phase, per 10,000 calls; client+server: the two summed; '
+        'broker: the RabbitMQ node (beam.smp, all its threads, including its own background work) '
+        'over the same phase. RSS: peak (VmHWM) of each process, '
         'highest over the pipelined runs (in the sequential ones the clients also hold their '
         'latency samples).', '',
         '## Each in-flight count', '', detail, '',
@@ -414,9 +530,12 @@ def million(a):
     print(f'{a.million:,} calls in one rabbitrpc client process ({a.million_inflight} in flight, '
           f'reply_to {a.million_mode}, {a.million_warmup:g} s warm-up) against a rabbitrpc server',
           flush=True)
+    broker_pid, how = find_broker(a)
+    if not broker_pid:
+        print(f'broker process unknown ({how}): no broker CPU', flush=True)
     began = time.monotonic()
     r = measure('rabbitrpc', a.million_mode, a.million_inflight, a.million_warmup, str(a.million),
-                a.million_warmup + a.million / 1000 + 60)
+                a.million_warmup + a.million / 1000 + 60, broker_pid)
     elapsed = time.monotonic() - began
     if 'rate' not in r:
         print(describe(r), file=sys.stderr)
@@ -431,8 +550,9 @@ def million(a):
         f"- client Lua heap (collectgarbage 'count'): {r['lua_kb_warm']:,.0f} kB after warm-up, "
         f"{r['lua_kb_end']:,.0f} kB at the end",
         f"- server peak RSS {mb(r['server_rss_kb']):.2f} MB; {r['rate']:,.0f} calls/s; client CPU "
-        f"{r['client_cpu'] / r['calls'] * 1e4:.2f} s/10k, server {r['server_cpu'] / r['calls'] * 1e4:.2f} s/10k; "
-        f"discarded replies {r['discarded']}; took {elapsed:.0f} s",
+        f"{r['client_cpu'] / r['calls'] * 1e4:.2f} s/10k, server {r['server_cpu'] / r['calls'] * 1e4:.2f} s/10k"
+        + (f", broker {r['broker_cpu'] / r['calls'] * 1e4:.2f} s/10k" if r.get('broker_cpu') is not None else '')
+        + f"; discarded replies {r['discarded']}; took {elapsed:.0f} s",
     ]
     if r.get('warning'):
         lines.append('- WARNING: ' + r['warning'])

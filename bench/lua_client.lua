@@ -1,5 +1,5 @@
 -- rabbitrpc echo client for the bench, written with the public API.
---   RPC_URL=... lua5.4 bench/lua_client.lua QUEUE MODE INFLIGHT WARMUP MEASURE SERVER_PID
+--   RPC_URL=... lua5.4 bench/lua_client.lua QUEUE MODE INFLIGHT WARMUP MEASURE SERVER_PID [BROKER_PID]
 -- The same arguments and JSON line as raw_client.c (see there). INFLIGHT 1 uses client:call;
 -- more keeps that many in flight with client:send and client:wait (a ring of ids: wait the
 -- oldest, send one more). Env BENCH_CLK_TCK: the kernel's clock ticks per second (100).
@@ -12,10 +12,10 @@ local BODY = "0123456789abcdef"
 local TIMEOUT = 30      -- seconds: expiration "30000", as the other clients
 local CLK_TCK = tonumber(os.getenv("BENCH_CLK_TCK")) or 100
 
-local queue, mode, inflight, warmup, measure, server_pid = table.unpack(arg, 1, 6)
+local queue, mode, inflight, warmup, measure, server_pid, broker_pid = table.unpack(arg, 1, 7)
 inflight = tonumber(inflight)
 assert(queue and mode and inflight and warmup and measure and server_pid,
-       "usage: lua_client.lua QUEUE direct|exclusive INFLIGHT WARMUP MEASURE SERVER_PID")
+       "usage: lua_client.lua QUEUE direct|exclusive INFLIGHT WARMUP MEASURE SERVER_PID [BROKER_PID]")
 
 -- "2.5s" (seconds) or "1000" (calls): a function telling whether it is reached
 local function amount(text)
@@ -81,7 +81,7 @@ end
 local lat = {}
 local t0 = monotime()
 local start, stop, measuring, measured, total = 0, 0, false, 0, 0
-local cpu0, server_cpu0, rss_warm, lua_kb_warm
+local cpu0, server_cpu0, broker_cpu0, rss_warm, lua_kb_warm
 if inflight > 1 then
   for slot = 1, inflight do send(slot) end
 end
@@ -107,6 +107,7 @@ while true do
   elseif warmed(t - t0, total) then   -- warm-up over: the measured phase starts now
     measuring, start = true, t
     cpu0, server_cpu0 = proc_cpu("self"), proc_cpu(server_pid)
+    broker_cpu0 = broker_pid and proc_cpu(broker_pid)
     rss_warm, lua_kb_warm = proc_kb("self", "VmRSS"), collectgarbage("count")
   end
   if inflight > 1 then
@@ -115,6 +116,7 @@ while true do
   end
 end
 local cpu, server_cpu = proc_cpu("self") - cpu0, proc_cpu(server_pid) - server_cpu0
+local broker_cpu = broker_pid and ("%.3f"):format(proc_cpu(broker_pid) - broker_cpu0) or "null"
 local rss_end, lua_kb_end = proc_kb("self", "VmRSS"), collectgarbage("count")
 if inflight > 1 then   -- drain what is in flight (the slot that ended the loop is done)
   for i = 1, inflight - 1 do check(client:wait(ids[(slot + i - 1) % inflight + 1])) end
@@ -127,10 +129,11 @@ local function percentile(p)   -- nearest rank, as the C and Python clients
   return #lat > 0 and lat[math.max(1, math.ceil(p * #lat))] or 0
 end
 io.stdout:write(('{"calls":%d,"seconds":%.6f,"rate":%.1f,"p50_us":%.1f,"p99_us":%.1f,' ..
-                 '"client_cpu":%.3f,"server_cpu":%.3f,"client_rss_kb":%d,"server_rss_kb":%d,' ..
+                 '"client_cpu":%.3f,"server_cpu":%.3f,"broker_cpu":%s,' ..
+                 '"client_rss_kb":%d,"server_rss_kb":%d,' ..
                  '"rss_warm_kb":%d,"rss_end_kb":%d,"discarded":%d,"warmup_calls":%d,' ..
                  '"lua_kb_warm":%.0f,"lua_kb_end":%.0f}\n'):format(
   measured, stop - start, measured / (stop - start), percentile(0.50) * 1e6,
-  percentile(0.99) * 1e6, cpu, server_cpu, peak_kb("self"), peak_kb(server_pid),
+  percentile(0.99) * 1e6, cpu, server_cpu, broker_cpu, peak_kb("self"), peak_kb(server_pid),
   rss_warm, rss_end, stats.discarded, total - measured,
   lua_kb_warm, lua_kb_end))

@@ -3,7 +3,7 @@
 # reply queue (or direct reply-to), uuid4 correlation ids, process_data_events until the reply
 # is in. As the tutorial, requests carry reply_to and correlation_id only (no mandatory flag,
 # no expiration). Run it with /usr/bin/python3 (Debian's, which has pika).
-#   RPC_URL=... /usr/bin/python3 bench/pika_client.py QUEUE MODE INFLIGHT WARMUP MEASURE SERVER_PID
+#   RPC_URL=... /usr/bin/python3 bench/pika_client.py QUEUE MODE INFLIGHT WARMUP MEASURE SERVER_PID [BROKER_PID]
 # The same arguments and JSON line as raw_client.c (see there).
 import json
 import math
@@ -104,6 +104,7 @@ def amount(text):
 
 def main():
     queue, mode, inflight, warmup, measure, server = sys.argv[1:7]
+    broker = sys.argv[7] if len(sys.argv) > 7 else None
     inflight = int(inflight)
     warmed, done = amount(warmup), amount(measure)
     client = RpcClient(os.environ['RPC_URL'], queue, mode)
@@ -140,11 +141,13 @@ def main():
         elif warmed(t - t0, total):   # warm-up over: the measured phase starts now
             measuring, start = True, t
             cpu0, server_cpu0 = proc_cpu('self'), proc_cpu(server)
+            broker_cpu0 = proc_cpu(broker) if broker else None
             rss_warm = proc_kb('self', 'VmRSS')
         if inflight > 1:
             ring[slot] = (client.send(BODY), now())
             slot = (slot + 1) % inflight
     cpu, server_cpu = proc_cpu('self') - cpu0, proc_cpu(server) - server_cpu0
+    broker_cpu = proc_cpu(broker) - broker_cpu0 if broker else None
     rss_end = proc_kb('self', 'VmRSS')
     for i in range(1, inflight):   # drain what is in flight
         check(client.wait(ring[(slot + i) % inflight][0]))
@@ -154,7 +157,7 @@ def main():
     print(json.dumps({
         'calls': measured, 'seconds': stop - start, 'rate': measured / (stop - start),
         'p50_us': percentile(lat, 0.50) * 1e6, 'p99_us': percentile(lat, 0.99) * 1e6,
-        'client_cpu': cpu, 'server_cpu': server_cpu,
+        'client_cpu': cpu, 'server_cpu': server_cpu, 'broker_cpu': broker_cpu,
         'client_rss_kb': peak_kb('self'), 'server_rss_kb': peak_kb(server),
         'rss_warm_kb': rss_warm, 'rss_end_kb': rss_end, 'discarded': client.discarded,
         'warmup_calls': total - measured}), flush=True)

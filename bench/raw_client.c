@@ -1,10 +1,11 @@
 /* Raw C echo client: what rabbitrpc's client does, with nothing on top.
- *   RPC_URL=... raw_client QUEUE MODE INFLIGHT WARMUP MEASURE SERVER_PID
+ *   RPC_URL=... raw_client QUEUE MODE INFLIGHT WARMUP MEASURE SERVER_PID [BROKER_PID]
  * MODE: direct (amq.rabbitmq.reply-to) or exclusive (an anonymous exclusive reply queue).
  * INFLIGHT: requests kept in flight (1 = sequential calls). WARMUP, then MEASURE: how long to
  * call before measuring, then while measuring: "2.5s" (seconds) or "100000" (calls).
  * SERVER_PID: the server whose CPU and peak RSS it reports with its own, as one JSON line (the
- * bench's client protocol).
+ * bench's client protocol). BROKER_PID: the broker (its beam.smp, all threads), whose CPU over
+ * the measured phase it reports as broker_cpu (null without it).
  * Each request: 16-byte body, mandatory, reply_to, a fresh random uuid as correlation_id,
  * expiration "30000", as rabbitrpc publishes them. Replies are matched by correlation id. */
 #include "raw.h"
@@ -167,12 +168,13 @@ static double percentile(const double *sorted, long n, double p) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 7) die("usage: raw_client QUEUE direct|exclusive INFLIGHT WARMUP MEASURE SERVER_PID");
+  if (argc != 7 && argc != 8)
+    die("usage: raw_client QUEUE direct|exclusive INFLIGHT WARMUP MEASURE SERVER_PID [BROKER_PID]");
   struct client c = {0};
   c.queue = amqp_cstring_bytes(argv[1]);
   c.inflight = atoi(argv[3]);
   struct amount warmup = parse_amount(argv[4]), measure = parse_amount(argv[5]);
-  const char *server = argv[6];
+  const char *server = argv[6], *broker = argc == 8 ? argv[7] : NULL;
   if (c.inflight < 1 || (measure.seconds <= 0 && measure.calls <= 0)) die("bad INFLIGHT or MEASURE");
   c.ring = calloc((size_t)c.inflight, sizeof *c.ring);
   long cap = c.inflight == 1 ? 1024 : 0, nlat = 0;  /* latencies: sequential calls only */
@@ -183,7 +185,8 @@ int main(int argc, char **argv) {
   open_reply_path(&c, argv[2]);
 
   for (int i = 0; i < c.inflight; i++) send_request(&c, &c.ring[i]);
-  double t0 = now(), start = 0, end = 0, cpu0 = 0, server_cpu0 = 0, cpu1, server_cpu1;
+  double t0 = now(), start = 0, end = 0, cpu0 = 0, server_cpu0 = 0, broker_cpu0 = 0, cpu1, server_cpu1;
+  double broker_cpu1 = 0;
   long rss_warm = 0, measured = 0, total = 0;
   int measuring = 0;
   for (int head = 0;; head = (head + 1) % c.inflight) {
@@ -210,22 +213,26 @@ int main(int argc, char **argv) {
       start = t;
       cpu0 = proc_cpu("self");
       server_cpu0 = proc_cpu(server);
+      if (broker) broker_cpu0 = proc_cpu(broker);
       rss_warm = proc_kb("self", "VmRSS");
     }
     send_request(&c, s);
   }
   cpu1 = proc_cpu("self");
   server_cpu1 = proc_cpu(server);
+  if (broker) broker_cpu1 = proc_cpu(broker);
   long rss_end = proc_kb("self", "VmRSS");
   for (int i = 0; i < c.inflight; i++) wait_reply(&c, &c.ring[i]);  /* drain what is in flight */
   close_connection(c.conn);
 
   if (lat) qsort(lat, (size_t)nlat, sizeof *lat, by_value);
+  char broker_cpu[32] = "null";
+  if (broker) snprintf(broker_cpu, sizeof broker_cpu, "%.3f", broker_cpu1 - broker_cpu0);
   printf("{\"calls\":%ld,\"seconds\":%.6f,\"rate\":%.1f,\"p50_us\":%.1f,\"p99_us\":%.1f,"
-         "\"client_cpu\":%.3f,\"server_cpu\":%.3f,\"client_rss_kb\":%ld,\"server_rss_kb\":%ld,"
+         "\"client_cpu\":%.3f,\"server_cpu\":%.3f,\"broker_cpu\":%s,\"client_rss_kb\":%ld,\"server_rss_kb\":%ld,"
          "\"rss_warm_kb\":%ld,\"rss_end_kb\":%ld,\"discarded\":%ld,\"warmup_calls\":%ld}\n",
          measured, end - start, (double)measured / (end - start), percentile(lat, nlat, 0.50) * 1e6,
-         percentile(lat, nlat, 0.99) * 1e6, cpu1 - cpu0, server_cpu1 - server_cpu0,
+         percentile(lat, nlat, 0.99) * 1e6, cpu1 - cpu0, server_cpu1 - server_cpu0, broker_cpu,
          peak_kb("self"), peak_kb(server), rss_warm, rss_end, c.discarded,
          total - measured);
   free(lat);

@@ -1,8 +1,12 @@
 /* Raw C echo server: what rabbitrpc's server does, with nothing on top.
- *   RPC_URL=... raw_server QUEUE PREFETCH
+ *   RPC_URL=... raw_server QUEUE PREFETCH [batched]
  * Declares QUEUE (auto-delete), basic.qos PREFETCH, consumes with manual acks; per delivery
  * publishes the body to reply_to with the correlation_id, then acks. Prints "ready" once
- * consuming, and {"served":N} when SIGTERM or SIGINT ends it (exit 0). */
+ * consuming, and {"served":N} when SIGTERM or SIGINT ends it (exit 0).
+ * batched: what a library can do on top: acks with multiple = true (one basic.ack up to the
+ * last delivery tag) once the read buffer is empty (nothing more already received to serve)
+ * or when the unacked deliveries reach half the prefetch, instead of one ack per delivery.
+ * Every reply is still published before the ack that covers its request (at-least-once). */
 #include "raw.h"
 
 #include <signal.h>
@@ -27,11 +31,23 @@ static void reply(amqp_connection_state_t conn, const struct message *m) {
                                   m->body), "publishing a reply");
 }
 
+/* batched: one basic.ack with multiple = true for every delivery up to tag. */
+static void ack_up_to(amqp_connection_state_t conn, uint64_t tag, int *unacked) {
+  if (*unacked == 0) return;
+  check_status(amqp_basic_ack(conn, CHANNEL, tag, 1), "basic.ack (multiple)");
+  *unacked = 0;
+}
+
 int main(int argc, char **argv) {
-  if (argc != 3) die("usage: raw_server QUEUE PREFETCH");
+  if (argc != 3 && !(argc == 4 && strcmp(argv[3], "batched") == 0))
+    die("usage: raw_server QUEUE PREFETCH [batched]");
   amqp_bytes_t queue = amqp_cstring_bytes(argv[1]);
   int prefetch = atoi(argv[2]);
   if (prefetch < 1 || prefetch > 65535) die("PREFETCH must be 1..65535");
+  int batched = argc == 4;
+  int batch = prefetch / 2 > 1 ? prefetch / 2 : 1;   /* batched: ack at the latest at this many */
+  int unacked = 0;
+  uint64_t last_tag = 0;
 
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
@@ -56,11 +72,23 @@ int main(int argc, char **argv) {
     int kind = read_message(conn, &slice, &m);
     if (kind == MSG_DELIVER) {
       reply(conn, &m);
-      check_status(amqp_basic_ack(conn, CHANNEL, m.delivery_tag, 0), "basic.ack");
       served++;
+      if (!batched) {
+        check_status(amqp_basic_ack(conn, CHANNEL, m.delivery_tag, 0), "basic.ack");
+      } else {
+        last_tag = m.delivery_tag;
+        unacked++;
+        /* nothing more received and unread (a partial frame left counts as data: its rest is
+         * on its way, so the next read does not block for long), or half the prefetch held */
+        if (unacked >= batch || (!amqp_data_in_buffer(conn) && !amqp_frames_enqueued(conn)))
+          ack_up_to(conn, last_tag, &unacked);
+      }
+    } else if (batched) {   /* idle: the buffer was empty, so nothing is unacked; to be sure */
+      ack_up_to(conn, last_tag, &unacked);
     }
     amqp_maybe_release_buffers(conn);
   }
+  if (batched) ack_up_to(conn, last_tag, &unacked);
   close_connection(conn);
   free(m.buf);
   printf("{\"served\":%ld}\n", served);
