@@ -31,6 +31,7 @@ struct rpc_client {
   int confirm;           /* publisher confirms: a nack fails its call at once */
   uint64_t published;    /* publishes on this connection: the broker's delivery tags */
   double expiration_of;  /* the timeout expiration was last written for */
+  struct rpc_ids *ids;   /* where correlation ids come from */
   char expiration[24];   /* milliseconds, as text */
   struct rpc_pending pending;
   size_t sweep_at;      /* pending calls at which the next publish sweeps expired sends */
@@ -123,6 +124,7 @@ static int client_new(lua_State *L) {
   init_amqp_pool(&c->pool, 4096);
   c->sweep_at = SWEEP_MIN;
   c->open = 1;  /* from here on, close (and so __gc) frees whatever is acquired */
+  c->ids = ids_new();
   conn_init(L, &c->conn, 2, CLIENT_MAX_BODY);
   memcpy(c->queue, queue, qlen + 1);
   memcpy(c->exchange, exchange, elen + 1);
@@ -677,7 +679,7 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
   if (len > c->conn.max_body) return too_large(L, c, len);
   if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
   if (c->pending.count >= c->sweep_at) forget_expired(L, c, idx);
-  uuid_generate_random(id);
+  ids_next(c->ids, id);
   uuid_unparse_lower(id, id_text);
   double deadline = rpc_now() + r->timeout;
   c->stats.calls++;
@@ -935,6 +937,8 @@ static int client_close(lua_State *L) {
   lua_setiuservalue(L, 1, UV_OUTCOMES);
   conn_free(&c->conn);
   empty_amqp_pool(&c->pool);
+  ids_free(c->ids);
+  c->ids = NULL;
   return 0;
 }
 

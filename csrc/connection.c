@@ -175,6 +175,7 @@ int conn_lost(struct rpc_conn *c, const char *kind, const char *fmt, ...) {
   vsnprintf(c->error, sizeof c->error, fmt, ap);
   va_end(ap);
   c->error_kind = kind;
+  frames_discard(&c->out);  /* never written on the next connection */
   if (c->amqp) {
     amqp_destroy_connection(c->amqp);
     c->amqp = NULL;
@@ -342,9 +343,10 @@ static int connect_socket(struct rpc_conn *c, double limit) {
 /* amqp_basic_publish sends with no deadline (rmqc#519): a peer that stops reading would hold
  * it forever. TCP_USER_TIMEOUT makes the kernel drop the connection once sent data stays
  * unacknowledged (or unsent behind a zero window) that long, and the send then fails. The
- * connection's own bound is the heartbeats' window; a publish with a shorter one (a call's
- * timeout) sets it only while it sends, so that one retransmit stall later does not drop a
- * connection other calls share. */
+ * connection's own bound is the heartbeats' window (it also bounds acks and set-up methods).
+ * Publishes on plain TCP never reach amqp_basic_publish (frames.c polls its own deadline);
+ * under TLS a publish with a shorter bound (a call's timeout) sets it only while it sends, so
+ * that one retransmit stall later does not drop a connection other calls share. */
 static unsigned int bound_ms(double seconds) {
   return seconds < 1 ? 1000 : seconds > 3600 ? 3600000 : (unsigned int)(seconds * 1000);
 }
@@ -429,6 +431,10 @@ int conn_open(struct rpc_conn *c, double limit) {
 void conn_close(struct rpc_conn *c) {
   if (!c->amqp) return;
   if (!c->error_kind) {  /* polite, but never long: close runs from __gc too */
+    if (c->out.len && frames_write(&c->out, amqp_get_sockfd(c->amqp), rpc_now() + 1)) c->error_kind = "connection";
+  }
+  frames_discard(&c->out);
+  if (!c->error_kind) {
     struct timeval brief = {1, 0};
     amqp_set_rpc_timeout(c->amqp, &brief);
     amqp_connection_close(c->amqp, AMQP_REPLY_SUCCESS);
@@ -440,6 +446,7 @@ void conn_close(struct rpc_conn *c) {
 
 void conn_free(struct rpc_conn *c) {
   conn_close(c);
+  frames_free(&c->out);
   for (int i = 0; c->endpoints && i < c->n_endpoints; i++) {
     struct rpc_endpoint *e = &c->endpoints[i];
     if (e->password) memset(e->password, 0, strlen(e->password));
@@ -626,20 +633,66 @@ enum conn_event conn_pump(struct rpc_conn *c) {
   return EV_FAILED;
 }
 
-int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
-                 const amqp_basic_properties_t *props, amqp_bytes_t body, double bound) {
+/* Under TLS the bytes go through rabbitmq-c's socket, a frame a send. */
+static int tls_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
+                       const amqp_basic_properties_t *props, amqp_bytes_t body, double bound) {
   unsigned int own = own_send_bound(c), ms = bound_ms(bound);
   if (ms < own) set_send_bound(c, ms);
   int st = amqp_basic_publish(c->amqp, RPC_CHANNEL, exchange, routing_key, mandatory, 0, props, body);
-  if (st == AMQP_STATUS_OK) {
-    set_send_bound(c, own);
-    return 0;
-  }
+  if (st == AMQP_STATUS_OK) set_send_bound(c, own);
+  return st;
+}
+
+static int uses_tls(const struct rpc_conn *c) {
+  return c->endpoints[c->current].tls;
+}
+
+static int publish_failed(struct rpc_conn *c, int st) {
+  if (st == AMQP_STATUS_TIMEOUT)
+    return conn_lost(c, "connection", "publishing to %s failed: the broker did not read it in time", c->where);
   return conn_lost(c, "connection", "publishing to %s failed: %s", c->where, amqp_error_string2(st));
 }
 
-int conn_ack(struct rpc_conn *c, uint64_t delivery_tag) {
-  int st = amqp_basic_ack(c->amqp, RPC_CHANNEL, delivery_tag, 0);
+/* Writes what is queued, waiting at most bound seconds for a peer that does not read: plain
+ * TCP sends are non-blocking and polled here, so no publish waits on rabbitmq-c's infinite
+ * send deadline (rmqc#519) and no socket option changes per publish. */
+int conn_flush(struct rpc_conn *c, double bound) {
+  if (!c->out.len) return 0;
+  if (!c->amqp) {
+    frames_discard(&c->out);
+    return -1;
+  }
+  int st = frames_write(&c->out, amqp_get_sockfd(c->amqp), rpc_now() + bound);
+  return st ? publish_failed(c, st) : 0;
+}
+
+int conn_queue_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key,
+                       const amqp_basic_properties_t *props, amqp_bytes_t body, double bound) {
+  if (uses_tls(c)) {
+    int st = tls_publish(c, exchange, routing_key, 0, props, body, bound);
+    return st ? publish_failed(c, st) : 0;
+  }
+  if (!c->out.len) c->out.since = rpc_now();
+  int st = frames_publish(&c->out, exchange, routing_key, 0, props, body, RPC_FRAME_MAX);
+  return st ? publish_failed(c, st) : 0;
+}
+
+int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
+                 const amqp_basic_properties_t *props, amqp_bytes_t body, double bound) {
+  int st = uses_tls(c) ? tls_publish(c, exchange, routing_key, mandatory, props, body, bound)
+                       : frames_publish(&c->out, exchange, routing_key, mandatory, props, body, RPC_FRAME_MAX);
+  if (st) return publish_failed(c, st);
+  return conn_flush(c, bound);
+}
+
+int conn_queue_ack(struct rpc_conn *c, uint64_t delivery_tag, int multiple) {
+  int st;
+  if (uses_tls(c)) {
+    st = amqp_basic_ack(c->amqp, RPC_CHANNEL, delivery_tag, multiple);
+  } else {
+    if (!c->out.len) c->out.since = rpc_now();
+    st = frames_ack(&c->out, delivery_tag, multiple);
+  }
   if (st == AMQP_STATUS_OK) return 0;
   return conn_lost(c, "connection", "acknowledging on %s failed: %s", c->where, amqp_error_string2(st));
 }

@@ -87,6 +87,39 @@ struct rpc_tls {                /* opts.tls, for amqps:// endpoints */
   int verify, verify_hostname;
 };
 
+/* ---- outgoing frames (frames.c): several written with one send() ---- */
+struct rpc_out {
+  unsigned char *buf;
+  size_t len, cap;
+  double since;                 /* when the oldest buffered frame was queued */
+};
+int frames_publish(struct rpc_out *o, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
+                   const amqp_basic_properties_t *props, amqp_bytes_t body, size_t frame_max);
+int frames_ack(struct rpc_out *o, uint64_t tag, int multiple);
+int frames_write(struct rpc_out *o, int fd, double deadline);
+void frames_discard(struct rpc_out *o);
+void frames_free(struct rpc_out *o);
+
+/* ---- correlation ids (ids.c) ---- */
+struct rpc_ids;
+struct rpc_ids *ids_new(void);
+void ids_free(struct rpc_ids *ids);
+void ids_next(struct rpc_ids *ids, unsigned char id[16]);
+
+/* ---- batched acks (acks.c) ---- */
+struct rpc_acks {
+  uint64_t *tags;               /* a ring, in the order the deliveries came */
+  unsigned char *state;
+  size_t head, count, cap;
+  size_t done;                  /* done since the last flush */
+  size_t untracked;             /* under way but not noted (no memory): acked alone */
+};
+int acks_track(struct rpc_acks *a, uint64_t tag);
+int acks_done(struct rpc_acks *a, uint64_t tag);
+void acks_settled(struct rpc_acks *a, uint64_t tag);
+void acks_clear(struct rpc_acks *a);
+void acks_free(struct rpc_acks *a);
+
 struct rpc_conn {
   amqp_connection_state_t amqp; /* NULL when not connected */
   struct rpc_endpoint *endpoints;
@@ -98,6 +131,7 @@ struct rpc_conn {
   unsigned int send_bound;      /* TCP_USER_TIMEOUT now set, ms (the connection's own between publishes) */
   const char *where;            /* the current endpoint's */
   struct rpc_message msg;
+  struct rpc_out out;           /* queued replies and acks (plain TCP), written by conn_flush */
   double last_pumped;             /* when the loop last serviced it (heartbeats) */
   const char *error_kind;       /* why it was lost, for the next caller */
   char blocked[300];            /* why the broker blocks publishing (a resource alarm), or "" */
@@ -125,7 +159,13 @@ void conn_release_message(struct rpc_conn *c);
 /* bound: seconds a stalled peer may hold the publish before the connection is dropped */
 int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
                  const amqp_basic_properties_t *props, amqp_bytes_t body, double bound);
-int conn_ack(struct rpc_conn *c, uint64_t delivery_tag);
+/* Queued: written by the next conn_flush (or conn_publish, conn_close), in order. Under TLS
+ * they are sent at once. 0, or -1 with the connection lost. */
+int conn_queue_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key,
+                       const amqp_basic_properties_t *props, amqp_bytes_t body, double bound);
+int conn_queue_ack(struct rpc_conn *c, uint64_t delivery_tag, int multiple);
+int conn_flush(struct rpc_conn *c, double bound);
+int acks_flush(struct rpc_acks *a, struct rpc_conn *c);
 int conn_lost(struct rpc_conn *c, const char *kind, const char *fmt, ...);
 const char *conn_header(const amqp_basic_properties_t *p, const char *key, size_t *len);
 

@@ -15,6 +15,7 @@
 
 #define FIRST_RETRY 0.1        /* seconds before the first reconnect */
 #define MAX_RETRY 30.0         /* the backoff doubles up to this */
+#define FLUSH_AFTER 0.001      /* seconds a queued reply may wait for others to share its send */
 
 /* user values */
 enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_REQUESTS, UV_CODEC, UV_COUNT = UV_CODEC };
@@ -26,6 +27,7 @@ struct request {
   uint64_t tag;
   unsigned long generation;   /* of the connection it came on: its tag means nothing on another */
   int reply_due, ack_due;     /* what is still to do for it */
+  int tracked;                /* in the server's batched acks (else acked alone) */
   int codec_failed;           /* its body did not decode: the handler never ran */
   int has_correlation_id;
   size_t reply_to_len, correlation_id_len;
@@ -60,6 +62,7 @@ struct rpc_server {
   uint32_t jitter;            /* xorshift state for the backoff's jitter */
   int has_allow;      /* opts.reply_to_allow was given */
   struct rpc_codec codec;     /* opts.codec */
+  struct rpc_acks acks;       /* deliveries not yet acked, for batched acks */
   struct {
     lua_Integer requests, replies, errors, no_reply_to, refused_reply_to, too_large, reconnects,
         codec_errors;
@@ -154,18 +157,36 @@ static int publish_reply(struct rpc_server *s, struct request *r, const char *re
   amqp_bytes_t reply_to = {r->reply_to_len, r->reply_to};
   /* a reply may wait on a stalled peer as long as heartbeats would take to notice it */
   double bound = s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60;
-  if (conn_publish(&s->conn, amqp_empty_bytes, reply_to, 0, &props, body, bound)) return -1;
+  if (conn_queue_publish(&s->conn, amqp_empty_bytes, reply_to, &props, body, bound)) return -1;
   s->stats.replies++;
   return 0;
 }
 
-/* Acks r, once: only after its reply went out (or was refused), and only on the connection
- * it came on (the broker has requeued it otherwise). */
+/* Writes the queued replies, then the acks they allow, in one send. */
+static void server_flush(struct rpc_server *s) {
+  if (!s->conn.amqp) return;
+  if (s->acks.done && acks_flush(&s->acks, &s->conn)) return;
+  conn_flush(&s->conn, s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60);
+}
+
+/* Acks r, once: only after its reply (queued before its ack), and only on the connection it
+ * came on (the broker has requeued it otherwise). Replies and acks wait in the server's step
+ * while more requests are buffered, up to half the prefetch window or FLUSH_AFTER; a request
+ * that ends anywhere else (a handler resumed by another wait) goes out at once. */
 static void ack_request(struct rpc_server *s, struct request *r) {
   r->reply_due = 0;
-  if (r->ack_due && s->open && s->conn.amqp && r->generation == s->generation)
-    conn_ack(&s->conn, r->tag);
+  if (r->ack_due && s->open && s->conn.amqp && r->generation == s->generation) {
+    if (r->tracked) {
+      acks_done(&s->acks, r->tag);
+    } else {
+      s->acks.untracked--;
+      conn_queue_ack(&s->conn, r->tag, 0);
+    }
+  }
   r->ack_due = 0;
+  if (!s->busy || s->acks.done * 2 >= (size_t)s->prefetch ||
+      (s->conn.out.len && rpc_now() - s->conn.out.since > FLUSH_AFTER))
+    server_flush(s);
 }
 
 static int has_reply_to(const amqp_basic_properties_t *p) {
@@ -179,6 +200,7 @@ static void take_in_hand(struct rpc_server *s) {
   struct request *r = &s->in_hand;
   r->tag = m->deliver.delivery_tag;
   r->generation = s->generation;
+  r->tracked = acks_track(&s->acks, r->tag) == 0;
   r->ack_due = 1;
   r->reply_due = 0;
   r->codec_failed = 0;
@@ -459,6 +481,8 @@ static void handle_request(lua_State *L, struct rpc_server *s, int idx) {
   take_in_hand(s);
   if (s->draining) {  /* read after the consumer was cancelled: back to the queue, for another */
     amqp_basic_reject(s->conn.amqp, RPC_CHANNEL, s->in_hand.tag, 1);
+    if (s->in_hand.tracked) acks_settled(&s->acks, s->in_hand.tag);
+    else s->acks.untracked--;
     s->in_hand.ack_due = 0;
     return;
   }
@@ -529,6 +553,7 @@ static int declare_and_consume(struct rpc_server *s);
 /* One reconnect attempt, from the loop: connect, declare, consume, as at the start. */
 static void server_reconnect(lua_State *L, int idx, double limit) {
   struct rpc_server *s = check_server(L, idx);
+  acks_clear(&s->acks);  /* the lost connection's deliveries are the broker's again */
   s->busy = 1;  /* declare runs no handler, but the loop must not pick it twice */
   int failed = conn_open(&s->conn, limit) || declare_and_consume(s);
   s->busy = 0;
@@ -596,6 +621,7 @@ static int server_service(lua_State *L, int idx) {
   } else {
     recover(L, s, idx);
   }
+  if (s->conn.amqp && !conn_has_input(&s->conn)) server_flush(s);  /* no more to share the send */
   if (!s->conn.amqp) schedule_retry(L, s, idx);  /* the broker went away: never give up */
   s->busy = 0;
   if (s->close_pending) server_close(L, s);
@@ -961,6 +987,7 @@ static void drain(lua_State *L, struct rpc_server *s) {
   if (s->in_progress == 0 || !s->conn.amqp) return;
   s->draining = 1;
   loop_wake_all(L);  /* waits with no deadline (a receive) end on the signal; the others go on */
+  server_flush(s);
   amqp_basic_cancel(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->consumer_tag));
   s->cancelled = !conn_check_reply(&s->conn, "cancelling the consumer");
   while (s->open && s->conn.amqp && s->in_progress > 0 && loop_signals() == signals && rpc_now() < until)
@@ -1033,9 +1060,11 @@ static void server_close(lua_State *L, struct rpc_server *s) {
   }
   if (s->loop) loop_remove(L, s->loop, &s->watch);
   s->loop = NULL;
+  server_flush(s);  /* what is done is answered and acked; the rest goes back to the queue */
   s->open = 0;
   s->close_pending = 0;
   conn_free(&s->conn);
+  acks_free(&s->acks);
   empty_amqp_pool(&s->args_pool);
   s->args = amqp_empty_table;
   free(s->bindings);
