@@ -50,7 +50,7 @@ void rpc_set_count(lua_State *L, const char *name, lua_Integer n);  /* t[name] =
 
 /* ---- options (options.c) ---- */
 void opts_check_keys(lua_State *L, int idx, const char *const allowed[]);
-int opts_get(lua_State *L, int idx, const char *key);  /* pushes opts[key], raw; its type */
+int opts_get(lua_State *L, int idx, const char *key);  /* pushes opts[key], raw; its type (a non-table raises) */
 const char *opts_string(lua_State *L, int idx, const char *key, const char *def, size_t *len);
 double opts_number(lua_State *L, int idx, const char *key, double def, double min, double max);
 lua_Integer opts_integer(lua_State *L, int idx, const char *key, lua_Integer def, lua_Integer min,

@@ -865,6 +865,7 @@ static int server_new(lua_State *L) {
   luaL_argcheck(L, strlen(queue) == qlen, 1, "queue name contains a NUL byte");
   luaL_checktype(L, 2, LUA_TFUNCTION);
   opts_check_keys(L, 3, server_options);
+  lua_settop(L, 3);  /* opts keep slot 3 when absent: nothing pushed below takes it */
   int prefetch = (int)opts_integer(L, 3, "prefetch", 1, 1, 65535);
   int durable = opts_boolean(L, 3, "durable", 0);
   int exclusive = opts_boolean(L, 3, "exclusive", 0);

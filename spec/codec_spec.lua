@@ -342,6 +342,10 @@ describe("opts.codec", function()
       assert_bad(3, "call_all", function() client:call_all({"x"}, 1, {properties = true}) end,
                  "option 'properties' is not for call_all")
       assert_bad(3, "call_all", function() client:call_all({"x"}, 1, {properties = false}) end)
+      -- callopts that are not a table are refused before any key is read (true crashed)
+      for _, v in ipairs {true, 42, "x", print} do
+        assert_bad(3, "call_all", function() client:call_all({"x"}, 1, v) end, "table expected")
+      end
     end)
   end)
 end)
