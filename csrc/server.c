@@ -287,7 +287,10 @@ static int reply_text(lua_State *L) {
     return 4;
   }
   int failed = !ok;
-  if (!failed && !lua_isnil(L, 4)) {  /* checked first: they go with whatever the handler returned */
+  /* A second value is reply properties only when it is a table: handlers written before them
+   * may return more (a string, or gsub's count in `return body:gsub(...)`), ignored as ever.
+   * Checked first: they go with whatever the handler returned. */
+  if (!failed && lua_istable(L, 4)) {
     if (rpc_codec_reply_properties(L, 4, &out->pool, &out->props)) {
       lua_replace(L, 5);
     } else {

@@ -508,6 +508,14 @@ local bad = {   -- body -> what the handler does
   ["return a function"] = function() return print end,
   ["server:poll(0) inside its own handler"] = function() return server:poll(0) end,
   ["server:run() inside its own handler"] = function() return server:run() end,
+  -- a table as the second value is reply properties: a bad one is a handler error
+  ["return 'x', {colour = 'red'}"] = function() return "x", {colour = "red"} end,
+  ["return 'x', {content_type = 5}"] = function() return "x", {content_type = 5} end,
+  ["return 'x', {headers = {f = print}}"] = function() return "x", {headers = {f = print}} end,
+  ["return 'x', {[table whose __tostring raises] = 1}"] = function() return "x", {[tostring_raises()] = 1} end,
+  ["return 'x', {headers = {['x-rpc-error'] = 'fake'}}"] = function()
+    return "x", {headers = {["x-rpc-error"] = "fake"}}
+  end,
 }
 local good = {   -- body -> handler, and the reply
   ["return 0/0"] = {function() return 0 / 0 end},
@@ -515,6 +523,15 @@ local good = {   -- body -> handler, and the reply
   ["return 2^63"] = {function() return 2 ^ 63 end, tostring(2 ^ 63)},
   ["return 1 MiB"] = {function() return F.MiB end, F.MiB},
   ["return '', 'extra'"] = {function() return "", "extra" end, ""},
+  -- any other second value than a table is ignored, as before reply properties
+  ["return body:gsub('a', 'b')"] = {function(body) return body:gsub("a", "b") end,
+                                    (("return body:gsub('a', 'b')"):gsub("a", "b"))},
+  ["return 'x', true"] = {function() return "x", true end, "x"},
+  ["return 'x', 42"] = {function() return "x", 42 end, "x"},
+  ["return 'x', print"] = {function() return "x", print end, "x"},
+  ["return 'x', nil"] = {function() return "x", nil end, "x"},
+  ["return 'x', {content_type = 'text/plain'}"] = {function() return "x", {content_type = "text/plain"} end, "x"},
+  ["return 'x', table with raising metamethods (read raw: no properties)"] = {function() return "x", F.evil() end, "x"},
   ["collectgarbage()"] = {function() collectgarbage() return "gc" end, "gc"},
   ["call another service through the waiting client"] = {
     function() return (F.client:call("inner", 2)) end, "inner"},
@@ -524,7 +541,7 @@ local queue = F.queue("handlers")
 local function handler(body)
   if body == over_max_body then return ("r"):rep((16 << 20) + 1) end
   if bad[body] then return bad[body]() end
-  if good[body] then return good[body][1]() end
+  if good[body] then return good[body][1](body) end
   return body
 end
 

@@ -104,8 +104,10 @@
 ---@field exchange string
 
 ---A server's handler: returns the reply (a string or number; with a codec, any value), and
----optionally the reply's properties. A raise is an error reply (kind "remote" for the caller).
----@alias rpc.Handler fun(body: any, request: rpc.Request): any, rpc.ReplyProperties?
+---optionally the reply's properties. A second value is properties only when it is a table (one
+---with other keys or bad values is an error reply); any other (`return body:gsub(...)`'s count)
+---is ignored. A raise is an error reply (kind "remote" for the caller).
+---@alias rpc.Handler fun(body: any, request: rpc.Request): any, rpc.ReplyProperties|any
 
 ---@class rpc.ClientStats
 ---@field calls integer
