@@ -100,6 +100,7 @@ static int client_new(lua_State *L) {
   luaL_argcheck(L, qlen < 256, 1, "queue name longer than 255 bytes");
   luaL_argcheck(L, strlen(queue) == qlen, 1, "queue name contains a NUL byte");
   opts_check_keys(L, 2, client_options);
+  lua_settop(L, 2);  /* opts keep slot 2 when absent: nothing pushed below (the codec's nil) takes it */
   double timeout = opts_number(L, 2, "timeout", RPC_DEFAULT_CALL_TIMEOUT, 0.001, RPC_MAX_TIMEOUT);
   const char *reply_to = opts_string(L, 2, "reply_to", "direct", &rlen);
   luaL_argcheck(L, rlen > 0 && rlen < 256 && strlen(reply_to) == rlen, 2,

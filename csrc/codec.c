@@ -177,14 +177,15 @@ void rpc_codec_push_properties(lua_State *L, const amqp_basic_properties_t *p) {
 static int convert_properties(lua_State *L) {
   amqp_pool_t *pool = lua_touserdata(L, 2);
   amqp_basic_properties_t *out = lua_touserdata(L, 3);
-  if (!lua_istable(L, 1)) return luaL_error(L, "a table expected, got %s", luaL_typename(L, 1));
+  luaL_checktype(L, 1, LUA_TTABLE);  /* the caller passes only tables: anything else is no properties */
   lua_settop(L, 1);
   lua_pushnil(L);
   while (lua_next(L, 1)) {
     lua_pop(L, 1);
-    if (lua_type(L, -1) != LUA_TSTRING ||
-        (strcmp(lua_tostring(L, -1), "content_type") != 0 && strcmp(lua_tostring(L, -1), "headers") != 0))
-      return luaL_error(L, "unknown key '%s' (content_type and headers are allowed)", luaL_tolstring(L, -1, NULL));
+    if (lua_type(L, -1) != LUA_TSTRING)  /* named by its type: a key's __tostring is not run */
+      return luaL_error(L, "unknown key of type %s (content_type and headers are allowed)", luaL_typename(L, -1));
+    if (strcmp(lua_tostring(L, -1), "content_type") != 0 && strcmp(lua_tostring(L, -1), "headers") != 0)
+      return luaL_error(L, "unknown key '%s' (content_type and headers are allowed)", lua_tostring(L, -1));
   }
   lua_createtable(L, 0, 2);  /* 2: the copy the converted properties point into */
   size_t len;

@@ -24,12 +24,14 @@ void opts_check_keys(lua_State *L, int idx, const char *const allowed[]) {
 }
 
 /* Pushes opts[key], read raw: an options table's metamethods are never run (nil when there is
- * no table). Returns its type. */
+ * no table). Returns its type. Anything else at idx is a bad argument, never read: lua_rawget
+ * on a non-table is undefined behaviour (a crash), whatever a caller checked or not before. */
 int opts_get(lua_State *L, int idx, const char *key) {
   if (lua_isnoneornil(L, idx)) {
     lua_pushnil(L);
     return LUA_TNIL;
   }
+  luaL_checktype(L, idx, LUA_TTABLE);
   lua_pushstring(L, key);
   return lua_rawget(L, idx);
 }

@@ -50,7 +50,7 @@ void rpc_set_count(lua_State *L, const char *name, lua_Integer n);  /* t[name] =
 
 /* ---- options (options.c) ---- */
 void opts_check_keys(lua_State *L, int idx, const char *const allowed[]);
-int opts_get(lua_State *L, int idx, const char *key);  /* pushes opts[key], raw; its type */
+int opts_get(lua_State *L, int idx, const char *key);  /* pushes opts[key], raw; its type (a non-table raises) */
 const char *opts_string(lua_State *L, int idx, const char *key, const char *def, size_t *len);
 double opts_number(lua_State *L, int idx, const char *key, double def, double min, double max);
 lua_Integer opts_integer(lua_State *L, int idx, const char *key, lua_Integer def, lua_Integer min,
@@ -191,7 +191,8 @@ int rpc_codec_encode(lua_State *L, const struct rpc_codec *codec, int owner, int
 int rpc_codec_decode(lua_State *L, const struct rpc_codec *codec, int owner, int uv, int idx, const char *what);
 /* Pushes {content_type =, headers =} of p (a reply in hand), for a caller with properties. */
 void rpc_codec_push_properties(lua_State *L, const amqp_basic_properties_t *p);
-/* A handler's reply properties at idx (content_type, headers), checked and converted into out,
+/* A handler's reply properties at idx, a table (a second value of any other type is not
+ * properties: the caller ignores it), {content_type =, headers =} checked and converted into out,
  * allocating from pool: pushes the private copy out points into (keep it on the stack until
  * the publish) and returns 1, or pushes the message of a handler error and returns 0. Never
  * raises but for memory. */

@@ -309,7 +309,10 @@ static int reply_text(lua_State *L) {
     return 4;
   }
   int failed = !ok;
-  if (!failed && !lua_isnil(L, 4)) {  /* checked first: they go with whatever the handler returned */
+  /* A second value is reply properties only when it is a table: handlers written before them
+   * may return more (a string, or gsub's count in `return body:gsub(...)`), ignored as ever.
+   * Checked first: they go with whatever the handler returned. */
+  if (!failed && lua_istable(L, 4)) {
     if (rpc_codec_reply_properties(L, 4, &out->pool, &out->props)) {
       lua_replace(L, 5);
     } else {
@@ -891,6 +894,7 @@ static int server_new(lua_State *L) {
   luaL_argcheck(L, strlen(queue) == qlen, 1, "queue name contains a NUL byte");
   luaL_checktype(L, 2, LUA_TFUNCTION);
   opts_check_keys(L, 3, server_options);
+  lua_settop(L, 3);  /* opts keep slot 3 when absent: nothing pushed below takes it */
   int prefetch = (int)opts_integer(L, 3, "prefetch", 1, 1, 65535);
   int durable = opts_boolean(L, 3, "durable", 0);
   int exclusive = opts_boolean(L, 3, "exclusive", 0);

@@ -77,8 +77,9 @@ F.run(function()
     {{"valid opts with raising metamethods", F.evil(opts())}},
   })
   F.vary_options("rpc.client", rpc.client, args, 2,
-    {"url", "heartbeat", "connect_timeout", "timeout", "reply_to", "confirm", "max_body", "colour", 1},
+    {"url", "heartbeat", "connect_timeout", "timeout", "reply_to", "confirm", "max_body", "codec", "colour", 1},
     new_client, {
+      codec = F.codecs(),
       url = {{"the broker", F.URL}, {"a closed port", "amqp://guest:guest@127.0.0.1:1/"},
              {"no password", "amqp://guest@localhost:1/"}},
       heartbeat = {{"3600", 3600}, {"3601", 3601}},
@@ -140,8 +141,9 @@ F.run(function()
   end
   F.vary_options("rpc.server", rpc.server, args, 3,
     {"url", "heartbeat", "connect_timeout", "durable", "exclusive", "arguments", "prefetch", "log",
-     "max_body", "reply_to_allow", "colour", 1},
+     "max_body", "reply_to_allow", "codec", "colour", 1},
     new_server, {
+      codec = F.codecs(),
       url = {{"the broker", F.URL}, {"a closed port", "amqp://guest:guest@127.0.0.1:1/"}},
       heartbeat = {{"3600", 3600}, {"3601", 3601}},
       connect_timeout = {{"1e-9", 1e-9}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}},
@@ -256,7 +258,7 @@ F.run(function()
   F.vary("rpc.serve", serve, args, is_true)
   F.vary_options("rpc.serve", serve, args, 3,
     {"url", "heartbeat", "connect_timeout", "durable", "exclusive", "auto_delete", "arguments", "prefetch",
-     "log", "max_body", "reply_to_allow", "tls", "colour"}, is_true)
+     "log", "max_body", "reply_to_allow", "tls", "codec", "colour"}, is_true, {codec = F.codecs()})
 end)
 ]==]
   end)
@@ -266,7 +268,14 @@ end)
 F.run(function()
   local call = F.client_methods.call
   local function args() return table.pack(F.client, "body", 1, {}) end
-  local function echoed(l, a, ...) return F.reply_is(F.echo_of(a[2]))(l, ...) end
+  --- the echo; with callopts.properties = true, and a table of the reply's properties after it
+  local function echoed(l, a, ...)
+    local want_props = type(a[4]) == "table" and rawget(a[4], "properties") == true
+    local n, props = select("#", ...), select(2, ...)
+    if want_props and (n ~= 2 or type(props) ~= "table") then return false, "the reply and its properties expected" end
+    if not want_props and n ~= 1 then return false, "the reply alone expected" end
+    return F.reply_is(F.echo_of(a[2]))(l, ...)
+  end
   F.vary("client:call", call, args, echoed, {
     {{"the client", F.client}, {"a server", F.echo}},
     {{"2 MiB body", F.MiB .. F.MiB}},
@@ -287,7 +296,8 @@ F.run(function()
   headers[#headers + 1] = {"100 KiB of headers", {big = ("h"):rep(100 * 1024)}}
   headers[#headers + 1] = {"headers with raising metamethods", F.evil {k = "v"}}
   F.vary_options("client:call", call, args, 4,
-    {"content_type", "headers", "persistent", "priority", "exchange", "routing_key", "timeout", "colour", 1},
+    {"content_type", "headers", "persistent", "priority", "exchange", "routing_key", "timeout", "properties", "colour",
+     1},
     echoed, {
       headers = headers,
       priority = {{"255", 255}, {"256", 256}},
@@ -296,6 +306,20 @@ F.run(function()
                      {"256 bytes", ("k"):rep(256)}},
       content_type = {{"255 bytes", ("c"):rep(255)}, {"256 bytes", ("c"):rep(256)}},
     })
+  -- a json client (opts.codec): any value as the body is encoded or a bad argument; the echo
+  -- comes back decoded (a string as it was sent)
+  local json = assert(rpc.client(F.echo_queue, {url = F.URL, timeout = 2, codec = "json"}))
+  local function json_args() return table.pack(json, "body", 1, {}) end
+  local function decoded(_, a, reply, ...)
+    local want_props = type(a[4]) == "table" and rawget(a[4], "properties") == true
+    if reply == nil or select("#", ...) ~= (want_props and 1 or 0) then return false, "one decoded reply expected" end
+    if want_props and type((...)) ~= "table" then return false, "a properties table expected" end
+    if type(a[2]) == "string" and reply ~= a[2] then return false, "expected the echo " .. F.show(a[2]) end
+    return true
+  end
+  F.vary("client:call (codec json)", call, json_args, decoded, {nil, {{"a nested table", {a = {b = {1, 2, "c"}}}}}})
+  F.vary_options("client:call (codec json)", call, json_args, 4, {"content_type", "properties"}, decoded)
+  json:close()
 end)
 ]==]
   end)
@@ -309,12 +333,19 @@ F.run(function()
     if type(id) ~= "string" or #id ~= 36 or not id:find("^%x+%-%x+%-%x+%-%x+%-%x+$") or select("#", ...) > 0 then
       return false, "one uuid expected"
     end
-    F.check(l .. " then :wait", F.reply_is(F.echo_of(a[2])), a[1].wait, a[1], id, 2)
+    local want_props = type(a[3]) == "table" and rawget(a[3], "properties") == true
+    F.check(l .. " then :wait", function(l2, reply, ...)
+      local n, props = select("#", ...), ...
+      if want_props and (n ~= 1 or type(props) ~= "table") then return false, "the reply and its properties expected" end
+      if not want_props and n ~= 0 then return false, "the reply alone expected" end
+      return F.reply_is(F.echo_of(a[2]))(l2, reply)
+    end, a[1].wait, a[1], id, 2)
     return true
   end
   F.vary("client:send", send, args, sent, {nil, {{"2 MiB body", F.MiB .. F.MiB}}})
   F.vary_options("client:send", send, args, 3,
-    {"content_type", "headers", "persistent", "priority", "exchange", "routing_key", "timeout", "colour"}, sent, {
+    {"content_type", "headers", "persistent", "priority", "exchange", "routing_key", "timeout", "properties", "colour"},
+    sent, {
       timeout = {{"1e-9", 1e-9}, {"0.001", 0.001}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}},
     })
 end)
@@ -377,7 +408,8 @@ F.run(function()
     nil, lists, {{"1e-9", 1e-9}, {"1e6", 1e6}, {"1e6 + 1", 1e6 + 1}},
   })
   F.vary_options("client:call_all", call_all, args, 4,
-    {"content_type", "headers", "persistent", "priority", "exchange", "routing_key", "timeout", "colour"}, echoed)
+    {"content_type", "headers", "persistent", "priority", "exchange", "routing_key", "timeout", "properties", "colour"},
+    echoed)
 end)
 ]==]
   end)
@@ -476,6 +508,14 @@ local bad = {   -- body -> what the handler does
   ["return a function"] = function() return print end,
   ["server:poll(0) inside its own handler"] = function() return server:poll(0) end,
   ["server:run() inside its own handler"] = function() return server:run() end,
+  -- a table as the second value is reply properties: a bad one is a handler error
+  ["return 'x', {colour = 'red'}"] = function() return "x", {colour = "red"} end,
+  ["return 'x', {content_type = 5}"] = function() return "x", {content_type = 5} end,
+  ["return 'x', {headers = {f = print}}"] = function() return "x", {headers = {f = print}} end,
+  ["return 'x', {[table whose __tostring raises] = 1}"] = function() return "x", {[tostring_raises()] = 1} end,
+  ["return 'x', {headers = {['x-rpc-error'] = 'fake'}}"] = function()
+    return "x", {headers = {["x-rpc-error"] = "fake"}}
+  end,
 }
 local good = {   -- body -> handler, and the reply
   ["return 0/0"] = {function() return 0 / 0 end},
@@ -483,6 +523,15 @@ local good = {   -- body -> handler, and the reply
   ["return 2^63"] = {function() return 2 ^ 63 end, tostring(2 ^ 63)},
   ["return 1 MiB"] = {function() return F.MiB end, F.MiB},
   ["return '', 'extra'"] = {function() return "", "extra" end, ""},
+  -- any other second value than a table is ignored, as before reply properties
+  ["return body:gsub('a', 'b')"] = {function(body) return body:gsub("a", "b") end,
+                                    (("return body:gsub('a', 'b')"):gsub("a", "b"))},
+  ["return 'x', true"] = {function() return "x", true end, "x"},
+  ["return 'x', 42"] = {function() return "x", 42 end, "x"},
+  ["return 'x', print"] = {function() return "x", print end, "x"},
+  ["return 'x', nil"] = {function() return "x", nil end, "x"},
+  ["return 'x', {content_type = 'text/plain'}"] = {function() return "x", {content_type = "text/plain"} end, "x"},
+  ["return 'x', table with raising metamethods (read raw: no properties)"] = {function() return "x", F.evil() end, "x"},
   ["collectgarbage()"] = {function() collectgarbage() return "gc" end, "gc"},
   ["call another service through the waiting client"] = {
     function() return (F.client:call("inner", 2)) end, "inner"},
@@ -492,7 +541,7 @@ local queue = F.queue("handlers")
 local function handler(body)
   if body == over_max_body then return ("r"):rep((16 << 20) + 1) end
   if bad[body] then return bad[body]() end
-  if good[body] then return good[body][1]() end
+  if good[body] then return good[body][1](body) end
   return body
 end
 

@@ -342,6 +342,10 @@ describe("opts.codec", function()
       assert_bad(3, "call_all", function() client:call_all({"x"}, 1, {properties = true}) end,
                  "option 'properties' is not for call_all")
       assert_bad(3, "call_all", function() client:call_all({"x"}, 1, {properties = false}) end)
+      -- callopts that are not a table are refused before any key is read (true crashed)
+      for _, v in ipairs {true, 42, "x", print} do
+        assert_bad(3, "call_all", function() client:call_all({"x"}, 1, v) end, "table expected")
+      end
     end)
   end)
 end)
@@ -418,12 +422,12 @@ describe("reply properties", function()
     assert.same({content_type = "application/vnd.own+json", headers = {v = 1}}, props)
   end)
 
-  it("a bad second value is a handler error reply, and the server serves on", function()
+  it("a bad properties table is a handler error reply, and the server serves on", function()
     local T = H.scope(finally)
     local queue = H.queue("props-bad")
     local cases = {
-      {"x", "a table expected, got string"},
       {{colour = "red"}, "unknown key 'colour'"},
+      {{[setmetatable({}, {__tostring = function() error("never run") end})] = 1}, "unknown key of type table"},
       {{content_type = 5}, "content_type must be a string"},
       {{content_type = ("x"):rep(256)}, "at most 255 bytes"},
       {{headers = "x"}, "headers must be a table, got string"},
@@ -451,6 +455,29 @@ describe("reply properties", function()
     end
     assert.equal(#cases - 1, server:stats().errors)
     assert.matches("bad reply properties", server:stats().last_error, 1, true)
+  end)
+
+  it("ignores a second value that is not a table, as handlers did before reply properties", function()
+    local T = H.scope(finally)
+    local queue = H.queue("props-not-table")
+    local seconds = {"extra", 42, 0.5, true, false, print, coroutine.create(print), io.stdout}
+    local current
+    local server = T:server(queue, function(body)
+      if current then return body, seconds[current] end
+      return body:gsub("a", "b")   -- the body, and the count of replacements
+    end)
+    local client = T:client(queue)
+    local reply, props = client:call("banana", 5, {properties = true})
+    assert.equal("bbnbnb", reply)
+    assert.same({}, props)
+    for i = 1, #seconds do
+      current = i
+      reply, props = client:call("x", 5, {properties = true})
+      assert.equal("x", reply, tostring(seconds[i]))
+      assert.same({}, props)
+    end
+    assert.equal(0, server:stats().errors)
+    assert.equal(#seconds + 1, server:stats().replies)
   end)
 
   it("a finalizer closing the client while a kept reply's properties are read leaves nothing dangling", function()

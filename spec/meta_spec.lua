@@ -18,8 +18,7 @@ local CLASSES = {["rpc.client"] = "Client", ["rpc.server"] = "Server", ["rpc.con
 local PENDING = {}
 
 -- Declared while being added on another branch: fields the C lists do not have yet.
-local PENDING_FIELDS = {["rpc.ClientOptions.codec"] = true, ["rpc.ServerOptions.codec"] = true,
-                        ["rpc.CallOptions.properties"] = true, ["rpc.SendOptions.properties"] = true}
+local PENDING_FIELDS = {}
 
 -- The key lists the C core checks options tables against (opts_check_keys), and the tables it
 -- builds, -> the class of types/rpc.lua that must declare each of their keys as a field.
@@ -205,8 +204,36 @@ local function readme_kinds()
   return kinds
 end
 
+--- The paths of the rpc/core.so files this process has mapped (/proc/self/maps), resolved.
+local function mapped_cores()
+  local paths, seen = {}, {}
+  for line in assert(io.open("/proc/self/maps")):lines() do
+    local path = line:match("%s(/%S*/rpc/core%.so)$")
+    if path and not seen[path] then
+      seen[path] = true
+      paths[#paths + 1] = path
+    end
+  end
+  return paths
+end
+
+--- The checkout's version: csrc/rpc.h's RPC_VERSION.
+local function source_version()
+  return assert(assert(H.read_file(H.ROOT .. "/csrc/rpc.h")):match('#define RPC_VERSION "([^"]+)"'),
+                "no RPC_VERSION in csrc/rpc.h")
+end
+
 describe("types/rpc.lua (LuaLS definitions)", function()
   teardown(H.cleanup)
+
+  it("is checked against the module built in this checkout, not one installed elsewhere", function()
+    -- a stale rpc/core.so earlier on the cpath (a luarocks install, ./rpc/core.so left by a
+    -- luarocks make) would make every check below compare the definitions with another module
+    local built = assert(io.popen("realpath -e " .. H.quote(H.BUILD .. "/rpc/core.so") .. " 2>/dev/null")):read("l")
+    assert.is_string(built, "no module built at " .. H.BUILD .. "/rpc/core.so (make)")
+    assert.same({built}, mapped_cores())
+    assert.equal("rabbitrpc " .. source_version(), rpc._VERSION)
+  end)
 
   it("loads as Lua and, run, returns a table with the module's functions", function()
     for _, path in ipairs {META, META_CQUEUES} do
@@ -217,6 +244,7 @@ describe("types/rpc.lua (LuaLS definitions)", function()
     for _, name in ipairs {"client", "server", "serve", "connect", "sleep"} do
       assert.is_function(stub[name], name)
     end
+    assert.equal("rabbitrpc " .. source_version(), stub._VERSION)   -- the checkout's, whatever was loaded
     assert.equal(rpc._VERSION, stub._VERSION)
   end)
 

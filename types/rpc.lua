@@ -104,8 +104,10 @@
 ---@field exchange string
 
 ---A server's handler: returns the reply (a string or number; with a codec, any value), and
----optionally the reply's properties. A raise is an error reply (kind "remote" for the caller).
----@alias rpc.Handler fun(body: any, request: rpc.Request): any, rpc.ReplyProperties?
+---optionally the reply's properties. A second value is properties only when it is a table (one
+---with other keys or bad values is an error reply); any other (`return body:gsub(...)`'s count)
+---is ignored. A raise is an error reply (kind "remote" for the caller).
+---@alias rpc.Handler fun(body: any, request: rpc.Request): any, rpc.ReplyProperties|any
 
 ---@class rpc.ClientStats
 ---@field calls integer
@@ -114,6 +116,7 @@
 ---@field remote_errors integer
 ---@field no_route integer
 ---@field discarded integer late, duplicate or foreign replies thrown away
+---@field codec_errors integer replies opts.codec could not decode (the call got kind "codec")
 
 ---@class rpc.ServerStats
 ---@field requests integer
@@ -123,15 +126,16 @@
 ---@field refused_reply_to integer
 ---@field too_large integer
 ---@field reconnects integer
+---@field codec_errors integer requests opts.codec could not decode, answered with kind "codec" (not in errors)
 ---@field in_progress integer handlers under way
 ---@field connected boolean
 ---@field last_error? string the latest handler error, with its traceback
 
 local rpc = {}
 
----"rabbitrpc scm"
+---"rabbitrpc 0.1.0": csrc/rpc.h's RPC_VERSION, the rockspecs' version
 ---@type string
-rpc._VERSION = "rabbitrpc scm"
+rpc._VERSION = "rabbitrpc 0.1.0"
 
 ---Connects and sets up the reply path. `queue` is the routing key requests are published with.
 ---@param queue string

@@ -20,7 +20,7 @@ F.URL = assert(os.getenv("RPC_URL"), "RPC_URL")
 F.AMQPS = F.URL:gsub("^amqp:", "amqps:")   -- TLS to a plain AMQP port: the handshake fails fast
 F.TOOL = os.getenv("SPEC_AMQP_TOOL")
 F.KINDS = {}
-for kind in ("timeout no_route remote connection auth closed broker blocked interrupted tls too_large stale")
+for kind in ("timeout no_route remote connection auth closed broker blocked interrupted tls too_large stale codec")
     :gmatch("%S+") do
   F.KINDS[kind] = true
 end
@@ -383,6 +383,29 @@ function F.values()
     {"closed connection", F.closed_connection},
     {"open connection", F.open_connection()},
     {"table with rpc.client's metatable", setmetatable({}, F.client_meta)},
+  }
+end
+
+--- Values for opts.codec beyond F.values(): the valid ones, and codecs whose functions
+-- misbehave (raise, yield, return the wrong type), which must cost a call at most a bad argument
+-- or kind "codec" (or "remote", for a server's reply it cannot encode).
+function F.codecs()
+  local function same(v) return v end
+  return {
+    {'"json"', "json"}, {'"JSON"', "JSON"}, {'"json\\0"', "json\0"},
+    {"an identity codec", {encode = tostring, decode = same}},
+    {"an identity codec with a content_type", {encode = tostring, decode = same, content_type = "text/x-same"}},
+    {"a codec with a 256-byte content_type", {encode = tostring, decode = same, content_type = ("c"):rep(256)}},
+    {"a codec with an unknown key", {encode = tostring, decode = same, colour = 1}},
+    {"{encode = f}", {encode = tostring}},
+    {"a codec whose encode raises", {encode = boom "encode", decode = same}},
+    {"a codec whose decode raises", {encode = tostring, decode = boom "decode"}},
+    {"a codec whose decode raises a table", {encode = tostring, decode = function() error(F.evil()) end}},
+    {"a codec whose decode yields", {encode = tostring, decode = coroutine.yield}},
+    {"a codec whose decode returns nil", {encode = tostring, decode = function() return nil end}},
+    {"a codec whose encode returns a table", {encode = function() return {} end, decode = same}},
+    {"a codec whose encode returns a number", {encode = function() return 42 end, decode = same}},
+    {"a codec with raising metamethods", F.evil {encode = tostring, decode = same}},
   }
 end
 
