@@ -7,7 +7,7 @@
 
 #include <stdlib.h>
 
-enum { UNDER_WAY, DONE, SENT };  /* SENT: acked alone, behind one under way */
+enum { UNDER_WAY, DONE };
 
 static size_t at(const struct rpc_acks *a, size_t i) {
   return (a->head + i) & (a->cap - 1);  /* cap is a power of two */
@@ -65,32 +65,55 @@ int acks_done(struct rpc_acks *a, uint64_t tag) {
   return 0;
 }
 
+static void release(struct rpc_acks *a) {
+  free(a->tags);
+  free(a->state);
+  a->tags = NULL;
+  a->state = NULL;
+  a->cap = a->head = a->count = 0;
+}
+
+static void drop(struct rpc_acks *a, size_t i) {
+  for (; i + 1 < a->count; i++) {
+    a->tags[at(a, i)] = a->tags[at(a, i + 1)];
+    a->state[at(a, i)] = a->state[at(a, i + 1)];
+  }
+  a->count--;
+}
+
 /* The delivery was settled otherwise (rejected): no ack may name it. */
 void acks_settled(struct rpc_acks *a, uint64_t tag) {
   size_t i = find(a, tag);
-  if (i < a->count && a->state[at(a, i)] == UNDER_WAY) a->state[at(a, i)] = SENT;
+  if (i < a->count && a->state[at(a, i)] == UNDER_WAY) drop(a, i);
 }
 
-/* Queues the acks for what is done on c; -1 when c was lost doing so. */
+/* Queues the acks for what is done on c; -1 when c was lost doing so. What stays in the ring
+ * is only what is under way: at most the prefetch window, however long one request takes. */
 int acks_flush(struct rpc_acks *a, struct rpc_conn *c) {
-  size_t n = 0, front = 0;
-  uint64_t last = 0;
   int batch = !a->untracked;  /* an untracked delivery may be among the lower tags */
-  for (; n < a->count && a->state[at(a, n)] != UNDER_WAY; n++) {
-    if (a->state[at(a, n)] != DONE) continue;
-    if (!batch && conn_queue_ack(c, a->tags[at(a, n)], 0)) return -1;
+  size_t n = 0;
+  uint64_t last = 0;
+  for (; n < a->count && a->state[at(a, n)] == DONE; n++) {
     last = a->tags[at(a, n)];
-    front++;
+    if (!batch && conn_queue_ack(c, last, 0)) return -1;
   }
-  if (batch && front && conn_queue_ack(c, last, front > 1)) return -1;
+  if (batch && n && conn_queue_ack(c, last, n > 1)) return -1;
   a->head = at(a, n);
   a->count -= n;
-  for (size_t i = 0; i < a->count; i++) {
-    if (a->state[at(a, i)] != DONE) continue;
-    if (conn_queue_ack(c, a->tags[at(a, i)], 0)) return -1;
-    a->state[at(a, i)] = SENT;
+  size_t kept = 0;
+  for (size_t i = 0; i < a->count; i++) {  /* done behind one under way: acked alone */
+    size_t from = at(a, i), to = at(a, kept);
+    if (a->state[from] == DONE) {
+      if (conn_queue_ack(c, a->tags[from], 0)) return -1;
+      continue;
+    }
+    a->tags[to] = a->tags[from];
+    a->state[to] = a->state[from];
+    kept++;
   }
+  a->count = kept;
   a->done = 0;
+  if (!a->count && a->cap > 1024) release(a);  /* a burst's ring goes back */
   return 0;
 }
 
@@ -101,10 +124,6 @@ void acks_clear(struct rpc_acks *a) {
 }
 
 void acks_free(struct rpc_acks *a) {
-  free(a->tags);
-  free(a->state);
-  a->tags = NULL;
-  a->state = NULL;
-  a->cap = 0;
+  release(a);
   acks_clear(a);
 }

@@ -431,7 +431,7 @@ int conn_open(struct rpc_conn *c, double limit) {
 void conn_close(struct rpc_conn *c) {
   if (!c->amqp) return;
   if (!c->error_kind) {  /* polite, but never long: close runs from __gc too */
-    if (c->out.len && frames_write(&c->out, amqp_get_sockfd(c->amqp), rpc_now() + 1)) c->error_kind = "connection";
+    if (c->out.len && frames_write(&c->out, amqp_get_sockfd(c->amqp), 1)) c->error_kind = "connection";
   }
   frames_discard(&c->out);
   if (!c->error_kind) {
@@ -653,7 +653,8 @@ static int publish_failed(struct rpc_conn *c, int st) {
   return conn_lost(c, "connection", "publishing to %s failed: %s", c->where, amqp_error_string2(st));
 }
 
-/* Writes what is queued, waiting at most bound seconds for a peer that does not read: plain
+/* Writes what is queued, waiting at most bound seconds (at least 1) for a peer that does not
+ * read on: plain
  * TCP sends are non-blocking and polled here, so no publish waits on rabbitmq-c's infinite
  * send deadline (rmqc#519) and no socket option changes per publish. */
 int conn_flush(struct rpc_conn *c, double bound) {
@@ -662,7 +663,7 @@ int conn_flush(struct rpc_conn *c, double bound) {
     frames_discard(&c->out);
     return -1;
   }
-  int st = frames_write(&c->out, amqp_get_sockfd(c->amqp), rpc_now() + bound);
+  int st = frames_write(&c->out, amqp_get_sockfd(c->amqp), bound < 1 ? 1 : bound);
   return st ? publish_failed(c, st) : 0;
 }
 
@@ -673,14 +674,14 @@ int conn_queue_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t r
     return st ? publish_failed(c, st) : 0;
   }
   if (!c->out.len) c->out.since = rpc_now();
-  int st = frames_publish(&c->out, exchange, routing_key, 0, props, body, RPC_FRAME_MAX);
+  int st = frames_publish(&c->out, exchange, routing_key, 0, props, body, (size_t)amqp_get_frame_max(c->amqp));
   return st ? publish_failed(c, st) : 0;
 }
 
 int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
                  const amqp_basic_properties_t *props, amqp_bytes_t body, double bound) {
   int st = uses_tls(c) ? tls_publish(c, exchange, routing_key, mandatory, props, body, bound)
-                       : frames_publish(&c->out, exchange, routing_key, mandatory, props, body, RPC_FRAME_MAX);
+                       : frames_publish(&c->out, exchange, routing_key, mandatory, props, body, (size_t)amqp_get_frame_max(c->amqp));
   if (st) return publish_failed(c, st);
   return conn_flush(c, bound);
 }

@@ -32,13 +32,13 @@ static void put64(unsigned char *p, uint64_t v) {
   put32(p + 4, (uint32_t)v);
 }
 
+/* Doubling while small; a large body gets just the room it needs. */
 static int reserve(struct rpc_out *o, size_t more) {
   if (o->cap - o->len >= more) return 0;
+  if (more > SIZE_MAX - o->len) return -1;
   size_t cap = o->cap ? o->cap : 4096;
-  while (cap - o->len < more) {
-    if (cap > SIZE_MAX / 2) return -1;
-    cap *= 2;
-  }
+  while (cap - o->len < more && cap <= KEEP_OUT) cap *= 2;
+  if (cap - o->len < more) cap = o->len + more;
   unsigned char *buf = realloc(o->buf, cap);
   if (!buf) return -1;
   o->buf = buf;
@@ -70,7 +70,8 @@ static int put_method(struct rpc_out *o, amqp_method_number_t id, void *method, 
  * frame may hold. */
 static int put_content_header(struct rpc_out *o, const amqp_basic_properties_t *props, size_t body,
                               size_t frame_max) {
-  size_t rooms[2] = {1024, frame_max - FRAME_OVERHEAD - CONTENT_HEADER};
+  size_t most = frame_max - FRAME_OVERHEAD - CONTENT_HEADER;
+  size_t rooms[2] = {most < 1024 ? most : 1024, most};
   int n = AMQP_STATUS_BAD_AMQP_DATA;
   for (int i = 0; i < 2 && n < 0; i++) {
     if (reserve(o, rooms[i] + FRAME_OVERHEAD + CONTENT_HEADER)) return AMQP_STATUS_NO_MEMORY;
@@ -114,15 +115,18 @@ int frames_ack(struct rpc_out *o, uint64_t tag, int multiple) {
   return put_method(o, AMQP_BASIC_ACK_METHOD, &m, 9);
 }
 
-/* Writes everything buffered, waiting for room in the socket until deadline. Returns 0 or an
+/* Writes everything buffered, waiting for room in the socket while the peer reads: stall
+ * seconds without progress give up (TCP_USER_TIMEOUT's rule, on our side). Returns 0 or an
  * AMQP_STATUS_*; after a failure the connection is unusable (a frame may be half written). */
-int frames_write(struct rpc_out *o, int fd, double deadline) {
+int frames_write(struct rpc_out *o, int fd, double stall) {
   size_t done = 0;
   int st = AMQP_STATUS_OK;
+  double deadline = rpc_now() + stall;
   while (done < o->len) {
     ssize_t n = send(fd, o->buf + done, o->len - done, MSG_NOSIGNAL);
     if (n > 0) {
       done += (size_t)n;
+      deadline = rpc_now() + stall;
       continue;
     }
     if (n < 0 && errno == EINTR) continue;

@@ -37,7 +37,7 @@ void ids_free(struct rpc_ids *ids) {
 
 static int refill(struct rpc_ids *ids) {
   size_t want = sizeof ids->bytes - sizeof ids->bytes % 16;
-  ssize_t n = getrandom(ids->bytes, want, 0);
+  ssize_t n = getrandom(ids->bytes, want, GRND_NONBLOCK);  /* not ready (early boot): libuuid */
   if (n < 16) return -1;
   ids->filled = (size_t)n - (size_t)n % 16;
   ids->used = 0;

@@ -96,7 +96,7 @@ struct rpc_out {
 int frames_publish(struct rpc_out *o, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
                    const amqp_basic_properties_t *props, amqp_bytes_t body, size_t frame_max);
 int frames_ack(struct rpc_out *o, uint64_t tag, int multiple);
-int frames_write(struct rpc_out *o, int fd, double deadline);
+int frames_write(struct rpc_out *o, int fd, double stall);
 void frames_discard(struct rpc_out *o);
 void frames_free(struct rpc_out *o);
 

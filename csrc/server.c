@@ -63,6 +63,7 @@ struct rpc_server {
   int has_allow;      /* opts.reply_to_allow was given */
   struct rpc_codec codec;     /* opts.codec */
   struct rpc_acks acks;       /* deliveries not yet acked, for batched acks */
+  const struct request *starting;  /* the request whose handler the server's step runs */
   struct {
     lua_Integer requests, replies, errors, no_reply_to, refused_reply_to, too_large, reconnects,
         codec_errors;
@@ -162,17 +163,28 @@ static int publish_reply(struct rpc_server *s, struct request *r, const char *re
   return 0;
 }
 
-/* Writes the queued replies, then the acks they allow, in one send. */
-static void server_flush(struct rpc_server *s) {
+static int has_output(const struct rpc_server *s) {
+  return s->open && s->conn.amqp && (s->conn.out.len || s->acks.done);
+}
+
+/* Writes the queued replies, then the acks they allow, in one send; bound: seconds without
+ * progress before the peer counts as gone. */
+static void flush_within(struct rpc_server *s, double bound) {
   if (!s->conn.amqp) return;
   if (s->acks.done && acks_flush(&s->acks, &s->conn)) return;
-  conn_flush(&s->conn, s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60);
+  conn_flush(&s->conn, bound);
+}
+
+/* a reply may wait on a stalled peer as long as heartbeats would take to notice it */
+static void server_flush(struct rpc_server *s) {
+  flush_within(s, s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60);
 }
 
 /* Acks r, once: only after its reply (queued before its ack), and only on the connection it
- * came on (the broker has requeued it otherwise). Replies and acks wait in the server's step
- * while more requests are buffered, up to half the prefetch window or FLUSH_AFTER; a request
- * that ends anywhere else (a handler resumed by another wait) goes out at once. */
+ * came on (the broker has requeued it otherwise). Replies and acks of the requests the
+ * server's own step starts wait while more requests are buffered, up to half the prefetch
+ * window or FLUSH_AFTER; a request that ends anywhere else (a handler resumed by another wait,
+ * or by a loop nested in a handler) goes out at once, with whatever waited. */
 static void ack_request(struct rpc_server *s, struct request *r) {
   r->reply_due = 0;
   if (r->ack_due && s->open && s->conn.amqp && r->generation == s->generation) {
@@ -184,7 +196,8 @@ static void ack_request(struct rpc_server *s, struct request *r) {
     }
   }
   r->ack_due = 0;
-  if (!s->busy || s->acks.done * 2 >= (size_t)s->prefetch ||
+  int starting = s->busy && (r == &s->in_hand || r == s->starting);
+  if (!starting || s->acks.done * 2 >= (size_t)s->prefetch ||
       (s->conn.out.len && rpc_now() - s->conn.out.since > FLUSH_AFTER))
     server_flush(s);
 }
@@ -473,7 +486,9 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   s->in_hand.reply_due = s->in_hand.ack_due = 0;  /* the thread's now */
   s->in_progress++;
   lua_xmove(L, T, nargs + 1);
+  s->starting = r;
   loop_resume(L, T, nargs);
+  s->starting = NULL;
   lua_settop(L, top);
 }
 
@@ -624,6 +639,7 @@ static int server_service(lua_State *L, int idx) {
   } else {
     recover(L, s, idx);
   }
+  s->starting = NULL;  /* a raise passed start_handler by */
   if (s->conn.amqp && !conn_has_input(&s->conn)) server_flush(s);  /* no more to share the send */
   if (!s->conn.amqp) schedule_retry(L, s, idx);  /* the broker went away: never give up */
   s->busy = 0;
@@ -642,9 +658,10 @@ static int watch_pollfd(const struct rpc_watch *w) {
   return servable(s) ? conn_fd(&s->conn) : -1;
 }
 
+/* Queued output counts: a step writes it, whoever turns the loop. */
 static int watch_has_input(const struct rpc_watch *w) {
   const struct rpc_server *s = server_of(w);
-  return servable(s) && conn_has_input(&s->conn);
+  return (servable(s) && conn_has_input(&s->conn)) || has_output(s);
 }
 
 /* Down: its next reconnect; up: a read for its heartbeats, at least every RPC_HEARTBEAT_READ. */
@@ -655,7 +672,8 @@ static double watch_next_due(const struct rpc_watch *w) {
 }
 
 static void watch_step(lua_State *L, int idx, double limit) {
-  const struct rpc_server *s = check_server(L, idx);
+  struct rpc_server *s = check_server(L, idx);
+  if (s->busy) server_flush(s);  /* from a loop nested in one of its handlers: writing is all */
   if (!s->open || s->busy) return;
   if (s->conn.amqp) server_service(L, idx);
   else server_reconnect(L, idx, limit);
@@ -992,6 +1010,10 @@ static void drain(lua_State *L, struct rpc_server *s) {
   s->draining = 1;
   loop_wake_all(L);  /* waits with no deadline (a receive) end on the signal; the others go on */
   server_flush(s);
+  if (!s->conn.amqp) {  /* lost writing: the broker has requeued what is under way */
+    s->draining = 0;
+    return;
+  }
   amqp_basic_cancel(s->conn.amqp, RPC_CHANNEL, amqp_cstring_bytes(s->consumer_tag));
   s->cancelled = !conn_check_reply(&s->conn, "cancelling the consumer");
   while (s->open && s->conn.amqp && s->in_progress > 0 && loop_signals() == signals && rpc_now() < until)
@@ -1021,6 +1043,7 @@ static int run_server(lua_State *L, int idx) {
   loop_catch_signals(1);
   int status = lua_pcall(L, 1, 0, 0);
   loop_catch_signals(0);
+  server_flush(s);  /* stopped with more input buffered: what is done goes out now */
   if (status != LUA_OK) return lua_error(L);
   if (!s->open) return closed(L);
   lua_pushboolean(L, 1);
@@ -1047,6 +1070,7 @@ static int server_poll(lua_State *L) {
       server_service(L, 1);
   } while (s->open && s->stats.requests == before && rpc_now() < deadline);
   while (s->open && s->conn.amqp && conn_has_input(&s->conn)) server_service(L, 1);  /* the rest */
+  server_flush(s);
   if (!s->open) return closed(L);
   lua_pushinteger(L, s->stats.requests - before);
   return 1;
@@ -1064,7 +1088,7 @@ static void server_close(lua_State *L, struct rpc_server *s) {
   }
   if (s->loop) loop_remove(L, s->loop, &s->watch);
   s->loop = NULL;
-  server_flush(s);  /* what is done is answered and acked; the rest goes back to the queue */
+  flush_within(s, 1);  /* what is done is answered and acked; the rest goes back to the queue */
   s->open = 0;
   s->close_pending = 0;
   conn_free(&s->conn);

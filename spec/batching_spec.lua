@@ -107,6 +107,104 @@ describe("batched acks", function()
   end)
 end)
 
+describe("queued replies", function()
+  after_each(H.cleanup)
+
+  it("go out while a handler of the same server waits in a loop nested in its step", function()
+    local T = H.scope(finally)
+    local queue = H.queue("nested")
+    -- "hold" waits inside a gsub callback, where it cannot yield: the wait runs the loop there
+    T:spawn {code = [[
+      local rpc = require "rpc"
+      local server = assert(rpc.server(os.getenv("SPEC_QUEUE"), function(body)
+        if body == "hold" then ("x"):gsub("x", function() rpc.sleep(3) end) end
+        if body == "quick" then rpc.sleep(0.1) end
+        return body
+      end, {url = os.getenv("RPC_URL"), prefetch = 10}))
+      print("ready") io.stdout:flush()
+      server:run()
+    ]], queue = queue}:wait_output("ready")
+    local client = T:client(queue)
+    local quick = assert(client:send("quick", {timeout = 10}))
+    H.sleep(0.02)
+    local hold = assert(client:send("hold", {timeout = 10}))
+    local elapsed, reply = H.timed(client.wait, client, quick)
+    assert.equal("quick", reply)
+    assert.is_true(elapsed < 1, ("the quick reply came after %.2f s, behind the held handler"):format(elapsed))
+    assert.equal("hold", client:wait(hold))
+  end)
+
+  it("go out when run() returns with more requests buffered", function()
+    local T = H.scope(finally)
+    local queue = H.queue("stopped")
+    local child = T:spawn {code = [[
+      local rpc = require "rpc"
+      local server
+      server = assert(rpc.server(os.getenv("SPEC_QUEUE"), function(body)
+        if body == "stop" then server:stop() end
+        return body
+      end, {url = os.getenv("RPC_URL"), prefetch = 50}))
+      print("ready") io.stdout:flush()
+      server:run()
+      print("stopped") io.stdout:flush()
+      os.execute("sleep 3")   -- not a rabbitrpc wait: nothing of ours runs here
+      os.exit(0)              -- no close, no finalizers
+    ]], queue = queue}
+    child:wait_output("ready")
+    local client = T:client(queue)
+    local ids = {}
+    for i = 1, 5 do ids[i] = assert(client:send("a" .. i, {timeout = 10})) end
+    local stop = assert(client:send("stop", {timeout = 10}))
+    for i = 6, 25 do ids[i] = assert(client:send("b" .. i, {timeout = 10})) end
+    child:wait_output("stopped")
+    for i = 1, 5 do
+      local reply, message, kind = client:wait(ids[i], 2)
+      assert.equal("a" .. i, reply, ("a%d: %s (%s)"):format(i, tostring(message), tostring(kind)))
+    end
+    assert.equal("stop", client:wait(stop, 2))
+  end)
+end)
+
+describe("frames", function()
+  after_each(H.cleanup)
+
+  it("follow the frame_max the broker negotiated (8 KiB here), requests and replies alike", function()
+    local T = H.scope(finally)
+    local port = H.PORT + 21
+    local dir = H.tmpdir() .. "/frame-node"
+    os.execute("mkdir -p " .. H.quote(dir .. "/conf.d"))
+    H.write_file(dir .. "/conf.d/90-frame.conf", "frame_max = 8192\n")
+    local env = {RPC_BROKER_PORT = tostring(port), RPC_BROKER_DIR = dir}
+    T:defer(function() H.run(H.quote(H.BROKER) .. " stop", env) end)
+    local out, status, err = H.run(H.quote(H.BROKER) .. " start", env)
+    assert.equal(0, status, out .. err)
+    local url = H.url_with {port = port}
+    local queue = H.queue("frames")
+    T:server(queue, function(body) return body:reverse() end, {url = url})
+    local client = T:client(queue, {url = url})
+    for _, size in ipairs {8183, 8184, 20000, 300000} do
+      local body = ("0123456789abcdef"):rep(size // 16 + 1):sub(1, size)
+      local reply, message, kind = client:call(body, 10)
+      assert.equal(body:reverse(), reply, ("%d bytes: %s (%s)"):format(size, tostring(message), tostring(kind)))
+    end
+  end)
+
+  it("a large body with a short call timeout does not cost the shared connection", function()
+    local T = H.scope(finally)
+    local queue = H.queue("bigbody")
+    local client = T:client(queue, {max_body = 64 * 1024 * 1024})
+    T:server(queue, function(body)
+      if #body > 5 then rpc.sleep(0.5) end  -- the call's timeout comes first, however fast the write
+      return #body
+    end, {max_body = 64 * 1024 * 1024, prefetch = 2})
+    local other = assert(client:send("other", {timeout = 20}))
+    local reply, message, kind = client:call(("x"):rep(64 * 1024 * 1024 - 1024), 0.05)
+    assert.is_nil(reply)
+    assert.equal("timeout", kind, message)
+    assert.equal("5", client:wait(other))   -- the connection lived on
+  end)
+end)
+
 describe("writes and ids", function()
   after_each(H.cleanup)
 
