@@ -431,7 +431,7 @@ int conn_open(struct rpc_conn *c, double limit) {
 void conn_close(struct rpc_conn *c) {
   if (!c->amqp) return;
   if (!c->error_kind) {  /* polite, but never long: close runs from __gc too */
-    if (c->out.len && frames_write(&c->out, amqp_get_sockfd(c->amqp), 1)) c->error_kind = "connection";
+    if (c->out.len && frames_write(&c->out, amqp_get_sockfd(c->amqp), 1, rpc_now() + 1)) c->error_kind = "connection";
   }
   frames_discard(&c->out);
   if (!c->error_kind) {
@@ -653,17 +653,17 @@ static int publish_failed(struct rpc_conn *c, int st) {
   return conn_lost(c, "connection", "publishing to %s failed: %s", c->where, amqp_error_string2(st));
 }
 
-/* Writes what is queued, waiting at most bound seconds (at least 1) for a peer that does not
- * read on: plain
- * TCP sends are non-blocking and polled here, so no publish waits on rabbitmq-c's infinite
- * send deadline (rmqc#519) and no socket option changes per publish. */
-int conn_flush(struct rpc_conn *c, double bound) {
+/* Writes what is queued, giving a peer that does not read on bound seconds (at least 1)
+ * without progress, and never past until: plain TCP sends are non-blocking and polled here, so
+ * no publish waits on rabbitmq-c's infinite send deadline (rmqc#519) and no socket option
+ * changes per publish. */
+int conn_flush(struct rpc_conn *c, double bound, double until) {
   if (!c->out.len) return 0;
   if (!c->amqp) {
     frames_discard(&c->out);
     return -1;
   }
-  int st = frames_write(&c->out, amqp_get_sockfd(c->amqp), bound < 1 ? 1 : bound);
+  int st = frames_write(&c->out, amqp_get_sockfd(c->amqp), bound < 1 ? 1 : bound, until);
   return st ? publish_failed(c, st) : 0;
 }
 
@@ -675,6 +675,7 @@ int conn_queue_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t r
   }
   if (!c->out.len) c->out.since = rpc_now();
   int st = frames_publish(&c->out, exchange, routing_key, 0, props, body, (size_t)amqp_get_frame_max(c->amqp));
+  if (st && st != AMQP_STATUS_NO_MEMORY) return -2;  /* would not encode: nothing queued, still fine */
   return st ? publish_failed(c, st) : 0;
 }
 
@@ -683,7 +684,8 @@ int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing
   int st = uses_tls(c) ? tls_publish(c, exchange, routing_key, mandatory, props, body, bound)
                        : frames_publish(&c->out, exchange, routing_key, mandatory, props, body, (size_t)amqp_get_frame_max(c->amqp));
   if (st) return publish_failed(c, st);
-  return conn_flush(c, bound);
+  /* a publish's own bound, with README's slack: a call ends within its timeout (at least 1 s) */
+  return conn_flush(c, bound, rpc_now() + (bound < 1 ? 1 : bound) + 1);
 }
 
 int conn_queue_ack(struct rpc_conn *c, uint64_t delivery_tag, int multiple) {

@@ -7,6 +7,7 @@
 #include "rpc.h"
 
 #include <errno.h>
+#include <math.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -116,17 +117,18 @@ int frames_ack(struct rpc_out *o, uint64_t tag, int multiple) {
 }
 
 /* Writes everything buffered, waiting for room in the socket while the peer reads: stall
- * seconds without progress give up (TCP_USER_TIMEOUT's rule, on our side). Returns 0 or an
+ * seconds without progress give up (TCP_USER_TIMEOUT's rule, on our side), and so does the
+ * clock reaching until (a peer that takes a few bytes now and then). Returns 0 or an
  * AMQP_STATUS_*; after a failure the connection is unusable (a frame may be half written). */
-int frames_write(struct rpc_out *o, int fd, double stall) {
+int frames_write(struct rpc_out *o, int fd, double stall, double until) {
   size_t done = 0;
   int st = AMQP_STATUS_OK;
-  double deadline = rpc_now() + stall;
+  double deadline = fmin(rpc_now() + stall, until);
   while (done < o->len) {
     ssize_t n = send(fd, o->buf + done, o->len - done, MSG_NOSIGNAL);
     if (n > 0) {
       done += (size_t)n;
-      deadline = rpc_now() + stall;
+      deadline = fmin(rpc_now() + stall, until);
       continue;
     }
     if (n < 0 && errno == EINTR) continue;

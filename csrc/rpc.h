@@ -96,7 +96,7 @@ struct rpc_out {
 int frames_publish(struct rpc_out *o, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
                    const amqp_basic_properties_t *props, amqp_bytes_t body, size_t frame_max);
 int frames_ack(struct rpc_out *o, uint64_t tag, int multiple);
-int frames_write(struct rpc_out *o, int fd, double stall);
+int frames_write(struct rpc_out *o, int fd, double stall, double until);
 void frames_discard(struct rpc_out *o);
 void frames_free(struct rpc_out *o);
 
@@ -160,11 +160,12 @@ void conn_release_message(struct rpc_conn *c);
 int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
                  const amqp_basic_properties_t *props, amqp_bytes_t body, double bound);
 /* Queued: written by the next conn_flush (or conn_publish, conn_close), in order. Under TLS
- * they are sent at once. 0, or -1 with the connection lost. */
+ * they are sent at once. 0, or -1 with the connection lost; conn_queue_publish: -2 when the
+ * properties do not fit the negotiated frame size (nothing queued, the connection fine). */
 int conn_queue_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key,
                        const amqp_basic_properties_t *props, amqp_bytes_t body, double bound);
 int conn_queue_ack(struct rpc_conn *c, uint64_t delivery_tag, int multiple);
-int conn_flush(struct rpc_conn *c, double bound);
+int conn_flush(struct rpc_conn *c, double bound, double until);
 int acks_flush(struct rpc_acks *a, struct rpc_conn *c);
 int conn_lost(struct rpc_conn *c, const char *kind, const char *fmt, ...);
 const char *conn_header(const amqp_basic_properties_t *p, const char *key, size_t *len);

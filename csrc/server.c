@@ -64,6 +64,7 @@ struct rpc_server {
   struct rpc_codec codec;     /* opts.codec */
   struct rpc_acks acks;       /* deliveries not yet acked, for batched acks */
   const struct request *starting;  /* the request whose handler the server's step runs */
+  int serving;                /* its own run() or poll() turns the loop: replies may wait */
   struct {
     lua_Integer requests, replies, errors, no_reply_to, refused_reply_to, too_large, reconnects,
         codec_errors;
@@ -145,7 +146,9 @@ static int publish_reply(struct rpc_server *s, struct request *r, const char *re
   if (failed) {
     error[0].key = amqp_cstring_bytes(RPC_ERROR_HEADER);
     error[0].value.kind = AMQP_FIELD_KIND_UTF8;
-    error[0].value.value.bytes.len = len < MAX_ERROR_HEADER ? len : MAX_ERROR_HEADER;
+    size_t cap = (size_t)amqp_get_frame_max(s->conn.amqp) / 2;  /* a broker's frames may be small */
+    if (cap > MAX_ERROR_HEADER) cap = MAX_ERROR_HEADER;
+    error[0].value.value.bytes.len = len < cap ? len : cap;
     error[0].value.value.bytes.bytes = (void *)reply;
     error[1].key = amqp_cstring_bytes(RPC_ERROR_KIND_HEADER);
     error[1].value.kind = AMQP_FIELD_KIND_UTF8;
@@ -158,7 +161,13 @@ static int publish_reply(struct rpc_server *s, struct request *r, const char *re
   amqp_bytes_t reply_to = {r->reply_to_len, r->reply_to};
   /* a reply may wait on a stalled peer as long as heartbeats would take to notice it */
   double bound = s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60;
-  if (conn_queue_publish(&s->conn, amqp_empty_bytes, reply_to, &props, body, bound)) return -1;
+  int st = conn_queue_publish(&s->conn, amqp_empty_bytes, reply_to, &props, body, bound);
+  if (st == -2 && !failed) {  /* handler headers over the broker's frame size: say so instead */
+    static const char why[] = "rabbitrpc: the reply's properties do not fit the broker's frame size";
+    s->stats.too_large++;
+    return publish_reply(s, r, why, sizeof why - 1, 1, "too_large", NULL);
+  }
+  if (st) return -1;
   s->stats.replies++;
   return 0;
 }
@@ -169,22 +178,23 @@ static int has_output(const struct rpc_server *s) {
 
 /* Writes the queued replies, then the acks they allow, in one send; bound: seconds without
  * progress before the peer counts as gone. */
-static void flush_within(struct rpc_server *s, double bound) {
+static void flush_within(struct rpc_server *s, double bound, double until) {
   if (!s->conn.amqp) return;
   if (s->acks.done && acks_flush(&s->acks, &s->conn)) return;
-  conn_flush(&s->conn, bound);
+  conn_flush(&s->conn, bound, until);
 }
 
 /* a reply may wait on a stalled peer as long as heartbeats would take to notice it */
 static void server_flush(struct rpc_server *s) {
-  flush_within(s, s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60);
+  flush_within(s, s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60, HUGE_VAL);
 }
 
 /* Acks r, once: only after its reply (queued before its ack), and only on the connection it
- * came on (the broker has requeued it otherwise). Replies and acks of the requests the
- * server's own step starts wait while more requests are buffered, up to half the prefetch
- * window or FLUSH_AFTER; a request that ends anywhere else (a handler resumed by another wait,
- * or by a loop nested in a handler) goes out at once, with whatever waited. */
+ * came on (the broker has requeued it otherwise). While its own run() or poll() serves it,
+ * replies and acks of the requests the server's step starts wait while more requests are
+ * buffered, up to half the prefetch window or FLUSH_AFTER; a request that ends anywhere else
+ * (a handler resumed by another wait, or by a loop nested in a handler), or while another
+ * waiter turns the loop (it may return to its caller at once), goes out at once. */
 static void ack_request(struct rpc_server *s, struct request *r) {
   r->reply_due = 0;
   if (r->ack_due && s->open && s->conn.amqp && r->generation == s->generation) {
@@ -196,7 +206,7 @@ static void ack_request(struct rpc_server *s, struct request *r) {
     }
   }
   r->ack_due = 0;
-  int starting = s->busy && (r == &s->in_hand || r == s->starting);
+  int starting = s->serving && s->busy && (r == &s->in_hand || r == s->starting);
   if (!starting || s->acks.done * 2 >= (size_t)s->prefetch ||
       (s->conn.out.len && rpc_now() - s->conn.out.since > FLUSH_AFTER))
     server_flush(s);
@@ -1041,7 +1051,9 @@ static int run_server(lua_State *L, int idx) {
   lua_pushcfunction(L, run_loop);
   lua_pushvalue(L, idx);
   loop_catch_signals(1);
+  s->serving = 1;
   int status = lua_pcall(L, 1, 0, 0);
+  s->serving = 0;
   loop_catch_signals(0);
   server_flush(s);  /* stopped with more input buffered: what is done goes out now */
   if (status != LUA_OK) return lua_error(L);
@@ -1065,11 +1077,13 @@ static int server_poll(lua_State *L) {
   if (s->cancelled && s->conn.amqp && consume(s) == 0) s->cancelled = 0;  /* after a drain */
   lua_Integer before = s->stats.requests;
   double deadline = rpc_now() + timeout;
+  s->serving = 1;  /* a raise (no memory) leaves it set: replies then only wait a little longer */
   do {  /* while the connection is down, the loop reconnects it when due */
     if (loop_wait(L, s->loop, s->conn.amqp ? &s->conn : NULL, deadline) && s->open)
       server_service(L, 1);
   } while (s->open && s->stats.requests == before && rpc_now() < deadline);
   while (s->open && s->conn.amqp && conn_has_input(&s->conn)) server_service(L, 1);  /* the rest */
+  s->serving = 0;
   server_flush(s);
   if (!s->open) return closed(L);
   lua_pushinteger(L, s->stats.requests - before);
@@ -1088,7 +1102,7 @@ static void server_close(lua_State *L, struct rpc_server *s) {
   }
   if (s->loop) loop_remove(L, s->loop, &s->watch);
   s->loop = NULL;
-  flush_within(s, 1);  /* what is done is answered and acked; the rest goes back to the queue */
+  flush_within(s, 1, rpc_now() + 1);  /* what is done is answered and acked; the rest goes back to the queue */
   s->open = 0;
   s->close_pending = 0;
   conn_free(&s->conn);
