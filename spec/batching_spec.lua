@@ -180,13 +180,29 @@ describe("frames", function()
     assert.equal(0, status, out .. err)
     local url = H.url_with {port = port}
     local queue = H.queue("frames")
-    T:server(queue, function(body) return body:reverse() end, {url = url})
+    local server = T:server(queue, function(body)
+      if body == "raise" then error(("e"):rep(9000), 0) end
+      if body == "headers" then return "h", {headers = {big = ("h"):rep(9000)}} end
+      return body:reverse()
+    end, {url = url})
     local client = T:client(queue, {url = url})
     for _, size in ipairs {8183, 8184, 20000, 300000} do
       local body = ("0123456789abcdef"):rep(size // 16 + 1):sub(1, size)
       local reply, message, kind = client:call(body, 10)
       assert.equal(body:reverse(), reply, ("%d bytes: %s (%s)"):format(size, tostring(message), tostring(kind)))
     end
+    -- what goes in a reply's header frame must fit one too: an error's text is cut, headers
+    -- too big for the frame are an error reply, and the server serves on without reconnecting
+    local reply, message, kind = client:call("raise", 5)
+    assert.is_nil(reply)
+    assert.equal("remote", kind, message)
+    assert.matches("^eeee", message)
+    reply, message, kind = client:call("headers", 5)
+    assert.is_nil(reply)
+    assert.equal("too_large", kind, message)
+    assert.matches("frame size", message, 1, true)
+    assert.equal("ko", client:call("ok", 5))
+    assert.equal(0, server:stats().reconnects)
   end)
 
   it("a large body with a short call timeout does not cost the shared connection", function()
