@@ -91,6 +91,21 @@ do  -- handler threads: suspended in nested calls and sleeps, one closed by a sc
   front:close()
   back:close()
 end
+do  -- batched acks and queued replies (the server's own poll), a codec, reply properties
+  local batch = assert(rpc.server(q .. "-batch", function(v) return {echo = v}, {headers = {h = "x"}} end,
+                                  {auto_delete = true, prefetch = 50, codec = "json"}))
+  local client <close> = assert(rpc.client(q .. "-batch", {codec = "json"}))
+  local ids = {}
+  for i = 1, 100 do ids[i] = assert(client:send({n = i}, {properties = true})) end
+  while batch:stats().replies < 100 do assert(batch:poll(1)) end
+  for i = 1, 100 do
+    local reply, props = client:wait(ids[i], 5)
+    assert(reply.echo.n == i and props.headers.h == "x")
+  end
+  for i = 1, 10 do assert(client:send({n = i})) end  -- some still buffered at close
+  assert(batch:poll(0))
+  batch:close()
+end
 server:close()
 rpc.server(q .. "-gc", function() return "" end, {auto_delete = true})  -- left open: freed by lua_close
 print("memcheck: done")
