@@ -16,6 +16,7 @@ packages=(
   strace                                            # limits spec: what the socket options become
   lua-cqueues lua-luv                               # outside event loops: spec, examples/luv_server.lua
   lua-cjson                                         # opts.codec = "json": spec/codec_spec.lua
+  git                                               # make rock: packs the committed HEAD (spec/rock_spec.lua)
 )
 # scripts/deps.sh PACKAGE...: those packages instead (make fuzz: clang and its libFuzzer runtime).
 [ $# = 0 ] || packages=("$@")
