@@ -73,7 +73,10 @@ end)
 describe("make rock", function()
   teardown(H.cleanup)
 
-  it("packs a source rock of the checkout's HEAD offline, the rockspec's url rewritten to it", function()
+  -- it packs what git has committed: a tree exported without .git (a fresh-machine copy) has none
+  local _, in_git = H.run("git rev-parse --is-inside-work-tree")
+  local packs = in_git == 0 and it or pending
+  packs("packs a source rock of the checkout's HEAD offline, the rockspec's url rewritten to it", function()
     local out, status, err = H.run("make -s rock")
     assert.equal(0, status, out .. err)
     local list = H.run("unzip -l build/rock/rabbitrpc-scm-1.src.rock")
