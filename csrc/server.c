@@ -65,6 +65,8 @@ struct rpc_server {
   struct rpc_acks acks;       /* deliveries not yet acked, for batched acks */
   const struct request *starting;  /* the request whose handler the server's step runs */
   int serving;                /* its own run() or poll() turns the loop: replies may wait */
+  int reading;                /* the delivery's pool is read (until its handler starts): no write
+                               * may lose the connection, which frees it */
   struct {
     lua_Integer requests, replies, errors, no_reply_to, refused_reply_to, too_large, reconnects,
         codec_errors;
@@ -173,7 +175,7 @@ static int publish_reply(struct rpc_server *s, struct request *r, const char *re
 }
 
 static int has_output(const struct rpc_server *s) {
-  return s->open && s->conn.amqp && (s->conn.out.len || s->acks.done);
+  return s->open && s->conn.amqp && !s->reading && (s->conn.out.len || s->acks.done);
 }
 
 /* Writes the queued replies, then the acks they allow, in one send; bound: seconds without
@@ -497,6 +499,7 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   s->in_progress++;
   lua_xmove(L, T, nargs + 1);
   s->starting = r;
+  s->reading = 0;  /* all the handler needs is copied */
   loop_resume(L, T, nargs);
   s->starting = NULL;
   lua_settop(L, top);
@@ -506,6 +509,7 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
  * and acked at once: it would only come back. */
 static void handle_request(lua_State *L, struct rpc_server *s, int idx) {
   struct rpc_message *m = &s->conn.msg;
+  s->reading = 1;  /* finalizers run by the allocations below may turn the loop */
   take_in_hand(s);
   if (s->draining) {  /* read after the consumer was cancelled: back to the queue, for another */
     amqp_basic_reject(s->conn.amqp, RPC_CHANNEL, s->in_hand.tag, 1);
@@ -531,6 +535,7 @@ static void handle_request(lua_State *L, struct rpc_server *s, int idx) {
       start_handler(L, s, idx);
     }
   }
+  s->reading = 0;
   ack_request(s, &s->in_hand);
 }
 
@@ -650,6 +655,7 @@ static int server_service(lua_State *L, int idx) {
     recover(L, s, idx);
   }
   s->starting = NULL;  /* a raise passed start_handler by */
+  s->reading = 0;
   if (s->conn.amqp && !conn_has_input(&s->conn)) server_flush(s);  /* no more to share the send */
   if (!s->conn.amqp) schedule_retry(L, s, idx);  /* the broker went away: never give up */
   s->busy = 0;
@@ -683,7 +689,7 @@ static double watch_next_due(const struct rpc_watch *w) {
 
 static void watch_step(lua_State *L, int idx, double limit) {
   struct rpc_server *s = check_server(L, idx);
-  if (s->busy) server_flush(s);  /* from a loop nested in one of its handlers: writing is all */
+  if (s->busy && !s->reading) server_flush(s);  /* a loop nested in one of its handlers: writing is all */
   if (!s->open || s->busy) return;
   if (s->conn.amqp) server_service(L, idx);
   else server_reconnect(L, idx, limit);
