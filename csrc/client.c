@@ -29,6 +29,7 @@ struct rpc_client {
   char reply_to[256];   /* what requests carry: the direct pseudo-queue or our queue's name */
   double timeout;
   int confirm;           /* publisher confirms: a nack fails its call at once */
+  int trace;             /* opts.trace: requests outside a traced one start a trace */
   uint64_t published;    /* publishes on this connection: the broker's delivery tags */
   double expiration_of;  /* the timeout expiration was last written for */
   struct rpc_ids *ids;   /* where correlation ids come from */
@@ -89,7 +90,7 @@ static int client_connect(struct rpc_client *c, double limit) {
 
 static const char *const client_options[] = {"url",     "urls",     "heartbeat", "connect_timeout",
                                              "timeout", "reply_to", "confirm",   "max_body",
-                                             "tls",     "exchange", "codec",    NULL};
+                                             "tls",     "exchange", "codec",    "trace",     NULL};
 
 static const struct rpc_watch_ops watch_ops;
 
@@ -106,6 +107,7 @@ static int client_new(lua_State *L) {
   luaL_argcheck(L, rlen > 0 && rlen < 256 && strlen(reply_to) == rlen, 2,
                 "option 'reply_to' must be 1 to 255 bytes, none of them NUL");
   int confirm = opts_boolean(L, 2, "confirm", 0);
+  int trace = opts_boolean(L, 2, "trace", 0);
   size_t elen;
   const char *exchange = opts_string(L, 2, "exchange", "", &elen);
   luaL_argcheck(L, elen < 256 && strlen(exchange) == elen, 2,
@@ -131,6 +133,7 @@ static int client_new(lua_State *L) {
   memcpy(c->exchange, exchange, elen + 1);
   c->timeout = timeout;
   c->confirm = confirm;
+  c->trace = trace;
   if (strcmp(reply_to, "direct") == 0) {
     c->mode = REPLY_DIRECT;
     strcpy(c->reply_to, RPC_DIRECT_REPLY_TO);
@@ -562,6 +565,9 @@ struct request {  /* what each request of one call, send or call_all carries */
   double timeout;
   int arg, headers;  /* the callopts argument; the stack index of its headers table, or 0 */
   int properties;    /* the reply's properties go with it */
+  const struct rpc_context *ctx;  /* of the request whose handler makes it, or NULL */
+  double deadline_ms;             /* its deadline, wall clock, for the deadline header */
+  char traceparent[56];           /* "": no trace context of ours */
 };
 
 static const char *const call_options[] = {"content_type", "headers", "persistent", "priority",
@@ -652,14 +658,66 @@ static int too_large(lua_State *L, const struct rpc_client *c, size_t len) {
   return 3;
 }
 
-/* Fills in what every attempt of a request carries. Runs no Lua code: the headers point into
- * the pool, which a finalizer calling this client would recycle. */
-static void stamp_request(lua_State *L, struct rpc_client *c, struct request *r, const char *id_text) {
-  if (r->headers) {
-    recycle_amqp_pool(&c->pool);
-    table_from_lua(L, r->headers, r->arg, &c->pool, &r->props.headers);
-    r->props._flags |= AMQP_BASIC_HEADERS_FLAG;
+/* Inside a handler, a call gets at most the time its request has left: none left, it fails at
+ * once (its caller has given up), else r's timeout is cut to it. Returns 0, or pushes the
+ * failure. */
+static int within_deadline(lua_State *L, struct rpc_client *c, struct request *r) {
+  r->ctx = loop_context(L);
+  if (!r->ctx || r->ctx->deadline <= 0) return 0;
+  double left = r->ctx->deadline - rpc_now();
+  if (left < 0.001) {
+    c->stats.calls++;
+    c->stats.timeouts++;
+    return rpc_fail(L, "timeout", "the request being served is past its deadline: no time left to call");
   }
+  if (left < r->timeout) r->timeout = left;
+  return 0;
+}
+
+static int has_key(const amqp_table_t *t, const char *key) {
+  size_t len = strlen(key);
+  for (int i = 0; i < t->num_entries; i++)
+    if (t->entries[i].key.len == len && memcmp(t->entries[i].key.bytes, key, len) == 0) return 1;
+  return 0;
+}
+
+/* The headers a request carries: the caller's, its deadline, and the trace it continues (the
+ * served request's, or a new one with opts.trace) unless the caller gave a traceparent. */
+static void stamp_headers(lua_State *L, struct rpc_client *c, struct request *r) {
+  amqp_table_t user = amqp_empty_table;
+  recycle_amqp_pool(&c->pool);
+  if (r->headers) table_from_lua(L, r->headers, r->arg, &c->pool, &user);
+  int traced = !has_key(&user, "traceparent") && (c->trace || (r->ctx && r->ctx->traced));
+  if (traced && !r->traceparent[0]) trace_child(r->ctx, c->ids, r->traceparent);
+  amqp_table_entry_t *e = amqp_pool_alloc(&c->pool, ((size_t)user.num_entries + 3) * sizeof *e);
+  if (!e) luaL_error(L, "not enough memory");
+  int n = 0;
+  for (int i = 0; i < user.num_entries; i++)
+    if (!(user.entries[i].key.len == sizeof RPC_DEADLINE_HEADER - 1 &&
+          memcmp(user.entries[i].key.bytes, RPC_DEADLINE_HEADER, sizeof RPC_DEADLINE_HEADER - 1) == 0))
+      e[n++] = user.entries[i];  /* the deadline is ours to say */
+  e[n].key = amqp_cstring_bytes(RPC_DEADLINE_HEADER);
+  e[n].value.kind = AMQP_FIELD_KIND_I64;
+  e[n++].value.value.i64 = (int64_t)r->deadline_ms;
+  if (traced) {
+    e[n].key = amqp_cstring_bytes("traceparent");
+    e[n].value.kind = AMQP_FIELD_KIND_UTF8;
+    e[n++].value.value.bytes = (amqp_bytes_t){55, r->traceparent};
+    if (r->ctx && r->ctx->tracestate_len && !has_key(&user, "tracestate")) {
+      e[n].key = amqp_cstring_bytes("tracestate");
+      e[n].value.kind = AMQP_FIELD_KIND_UTF8;
+      e[n++].value.value.bytes = (amqp_bytes_t){r->ctx->tracestate_len, (void *)r->ctx->tracestate};
+    }
+  }
+  r->props.headers = (amqp_table_t){n, e};
+  r->props._flags |= AMQP_BASIC_HEADERS_FLAG;
+}
+
+/* Fills in what every attempt of a request carries. Runs no Lua code (table_from_lua may raise
+ * for memory only): the headers point into the pool, which a finalizer calling this client
+ * would recycle. */
+static void stamp_request(lua_State *L, struct rpc_client *c, struct request *r, const char *id_text) {
+  stamp_headers(L, c, r);
   if (r->timeout != c->expiration_of) {  /* printing a double costs more than the rest */
     snprintf(c->expiration, sizeof c->expiration, "%lld", (long long)ceil(r->timeout * 1000));
     c->expiration_of = r->timeout;
@@ -683,6 +741,8 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
   ids_next(c->ids, id);
   uuid_unparse_lower(id, id_text);
   double deadline = rpc_now() + r->timeout;
+  r->deadline_ms = ceil((rpc_wall_now() + r->timeout) * 1000);
+  r->traceparent[0] = '\0';  /* one span for all attempts */
   c->stats.calls++;
   for (int attempt = 1;; attempt++) {
     /* lost meanwhile (a finalizer's call, a failed attempt): reconnect first */
@@ -729,7 +789,8 @@ static int client_call(lua_State *L) {
   read_request(L, c, 4, call_options, &r);
   unsigned char id[16];
   char id_text[37];
-  int n = ready_to_publish(L, c, 1, r.timeout);
+  int n = within_deadline(L, c, &r);
+  if (!n) n = ready_to_publish(L, c, 1, r.timeout);
   if (!n) n = publish(L, c, 1, &r, body, len, id, id_text, 1);
   return n ? n : wait_for(L, c, 1, id, rpc_now() + r.timeout, 1);
 }
@@ -744,7 +805,8 @@ static int client_send(lua_State *L) {
   read_request(L, c, 3, send_options, &r);
   unsigned char id[16];
   char id_text[37];
-  int n = ready_to_publish(L, c, 1, r.timeout);
+  int n = within_deadline(L, c, &r);
+  if (!n) n = ready_to_publish(L, c, 1, r.timeout);
   if (!n) n = publish(L, c, 1, &r, body, len, id, id_text, 0);
   if (n) return n;
   lua_pushlstring(L, id_text, 36);
@@ -883,7 +945,8 @@ static int client_call_all(lua_State *L) {
       return 3;
     }
   }
-  int failed = ready_to_publish(L, c, 1, r.timeout);
+  int failed = within_deadline(L, c, &r);
+  if (!failed) failed = ready_to_publish(L, c, 1, r.timeout);
   if (failed) return failed;
   struct batch *b = lua_newuserdatauv(L, sizeof *b + 16 * (size_t)n, 0);
   b->n = n;

@@ -713,3 +713,39 @@ const char *conn_header(const amqp_basic_properties_t *p, const char *key, size_
   }
   return NULL;
 }
+
+/* A header's value as a number: any integer or float kind, or decimal text. */
+int conn_header_number(const amqp_basic_properties_t *p, const char *key, double *out) {
+  if (!p || !(p->_flags & AMQP_BASIC_HEADERS_FLAG)) return 0;
+  size_t klen = strlen(key);
+  for (int i = 0; i < p->headers.num_entries; i++) {
+    const amqp_table_entry_t *e = &p->headers.entries[i];
+    if (e->key.len != klen || memcmp(e->key.bytes, key, klen) != 0) continue;
+    const amqp_field_value_t *v = &e->value;
+    switch (v->kind) {
+      case AMQP_FIELD_KIND_I8: *out = v->value.i8; return 1;
+      case AMQP_FIELD_KIND_U8: *out = v->value.u8; return 1;
+      case AMQP_FIELD_KIND_I16: *out = v->value.i16; return 1;
+      case AMQP_FIELD_KIND_U16: *out = v->value.u16; return 1;
+      case AMQP_FIELD_KIND_I32: *out = v->value.i32; return 1;
+      case AMQP_FIELD_KIND_U32: *out = v->value.u32; return 1;
+      case AMQP_FIELD_KIND_I64: *out = (double)v->value.i64; return 1;
+      case AMQP_FIELD_KIND_U64: *out = (double)v->value.u64; return 1;
+      case AMQP_FIELD_KIND_TIMESTAMP: *out = (double)v->value.u64; return 1;
+      case AMQP_FIELD_KIND_F32: *out = v->value.f32; return 1;
+      case AMQP_FIELD_KIND_F64: *out = v->value.f64; return 1;
+      case AMQP_FIELD_KIND_UTF8:
+      case AMQP_FIELD_KIND_BYTES: {
+        char text[32], *end;
+        size_t n = v->value.bytes.len;
+        if (n == 0 || n >= sizeof text) return 0;
+        memcpy(text, v->value.bytes.bytes, n);
+        text[n] = '\0';
+        *out = strtod(text, &end);
+        return *end == '\0';
+      }
+      default: return 0;
+    }
+  }
+  return 0;
+}

@@ -17,9 +17,25 @@ double rpc_now(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+double rpc_wall_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 /* rpc.now(): the same clock, for callers timing things without another library. */
 static int core_now(lua_State *L) {
   lua_pushnumber(L, rpc_now());
+  return 1;
+}
+
+/* rpc.remaining(): seconds left before the deadline of the request whose handler runs this
+ * (0 once past), or nil: not in a handler, or the request has no deadline. */
+static int core_remaining(lua_State *L) {
+  const struct rpc_context *ctx = loop_context(L);
+  if (!ctx || ctx->deadline <= 0) return 0;
+  double left = ctx->deadline - rpc_now();
+  lua_pushnumber(L, left > 0 ? left : 0);
   return 1;
 }
 
@@ -46,6 +62,8 @@ int luaopen_rpc_core(lua_State *L) {
   rpc_loop_open(L);
   lua_pushcfunction(L, core_now);
   lua_setfield(L, -2, "now");
+  lua_pushcfunction(L, core_remaining);
+  lua_setfield(L, -2, "remaining");
   lua_pushliteral(L, "rabbitrpc " RPC_VERSION);
   lua_setfield(L, -2, "_VERSION");
   return 1;

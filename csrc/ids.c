@@ -55,3 +55,14 @@ void ids_next(struct rpc_ids *ids, unsigned char id[16]) {
   id[6] = (unsigned char)((id[6] & 0x0F) | 0x40);  /* version 4 */
   id[8] = (unsigned char)((id[8] & 0x3F) | 0x80);  /* RFC 4122 variant */
 }
+
+void ids_hex(struct rpc_ids *ids, char *out, size_t digits) {
+  static const char hex[] = "0123456789abcdef";
+  unsigned char id[16];
+  for (size_t i = 0; i < digits; i++) {
+    if (i % 32 == 0) ids_next(ids, id);
+    unsigned char byte = id[i % 32 / 2];
+    out[i] = hex[i % 2 ? byte & 15 : byte >> 4];
+  }
+  out[digits] = '\0';
+}

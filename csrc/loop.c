@@ -23,6 +23,7 @@ struct rpc_loop {
   int epfd;                    /* the state's one pollfd for outside loops: an epoll set of the
                                 * watches' sockets, which come and go; -1 until asked for */
   int wakefd;                  /* an eventfd in that set: a settled wait of an outside waiter */
+  const struct rpc_context *current;  /* of the request thread loop_resume runs, or NULL */
 };
 
 /* Closes the epoll set with the state (lua_close). */
@@ -43,8 +44,10 @@ static const char LOOP_KEY = 'L';  /* its address keys the loop in the registry 
  * UV_DUE: thread -> when to resume it (0 once woken);
  * UV_OWNED: thread -> its abort function, for the threads the scheduler runs (requests): those
  *   may suspend; weak keys, so a collected thread takes its entry along;
+ * UV_CONTEXT: thread -> its request's context (light userdata), for the owned threads that have
+ *   one; weak keys;
  * UV_OUTSIDE: an outside scheduler's yield protocol (rpc.cqueues), or nil: {marker, running}. */
-enum { UV_ANCHORS = 1, UV_WEAK, UV_SUSPENDED, UV_DUE, UV_OWNED, UV_OUTSIDE, UV_COUNT = UV_OUTSIDE };
+enum { UV_ANCHORS = 1, UV_WEAK, UV_SUSPENDED, UV_DUE, UV_OWNED, UV_CONTEXT, UV_OUTSIDE, UV_COUNT = UV_OUTSIDE };
 
 static void push_loop(lua_State *L) {
   lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
@@ -57,13 +60,14 @@ struct rpc_loop *loop_get(lua_State *L) {
     loop->watches = NULL;
     loop->interrupts = 0;
     loop->epfd = loop->wakefd = -1;
+    loop->current = NULL;
     lua_createtable(L, 0, 1);
     lua_pushcfunction(L, loop_gc);
     lua_setfield(L, -2, "__gc");
     lua_setmetatable(L, -2);
     for (int uv = 1; uv < UV_OUTSIDE; uv++) {
       lua_newtable(L);
-      if (uv == UV_WEAK || uv == UV_OWNED) {
+      if (uv == UV_WEAK || uv == UV_OWNED || uv == UV_CONTEXT) {
         lua_createtable(L, 0, 1);
         lua_pushstring(L, uv == UV_WEAK ? "v" : "k");
         lua_setfield(L, -2, "__mode");
@@ -127,21 +131,50 @@ static int push_object(lua_State *L, const struct rpc_watch *w) {
 
 /* ---- the scheduler: request threads, suspended in their waits, resumed when woken or due ---- */
 
-void loop_own(lua_State *L, int idx) {
+void loop_own(lua_State *L, int idx, const struct rpc_context *ctx) {
   idx = lua_absindex(L, idx);
   push_table(L, UV_OWNED);
   lua_pushvalue(L, idx);
   lua_pushvalue(L, -3);
   lua_rawset(L, -3);
   lua_pop(L, 2);
+  if (!ctx) return;
+  push_table(L, UV_CONTEXT);
+  lua_pushvalue(L, idx);
+  lua_pushlightuserdata(L, (void *)ctx);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
+/* Forgets the thread on top of L's stack (popped) as owned. */
+static void forget_owned(lua_State *L) {
+  for (int uv = UV_OWNED; uv <= UV_CONTEXT; uv++) {
+    push_table(L, uv);
+    lua_pushvalue(L, -2);
+    lua_pushnil(L);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
 }
 
 void loop_disown(lua_State *L) {
-  push_table(L, UV_OWNED);
   lua_pushthread(L);
-  lua_pushnil(L);
-  lua_rawset(L, -3);
-  lua_pop(L, 1);
+  forget_owned(L);
+}
+
+const struct rpc_context *loop_context(lua_State *L) {
+  return loop_get(L)->current;
+}
+
+/* T's request context, or NULL. */
+static const struct rpc_context *context_of(lua_State *L, lua_State *T) {
+  push_table(L, UV_CONTEXT);
+  lua_pushthread(T);
+  lua_xmove(T, L, 1);
+  const struct rpc_context *ctx = lua_rawget(L, -2) == LUA_TLIGHTUSERDATA ? lua_touserdata(L, -1) : NULL;
+  lua_pop(L, 2);
+  return ctx;
 }
 
 int loop_can_suspend(lua_State *L) {
@@ -212,7 +245,11 @@ void loop_wake_all(lua_State *L) {
  * is left to the collector. */
 void loop_resume(lua_State *L, lua_State *T, int nargs) {
   int nres = 0;
+  struct rpc_loop *loop = loop_get(L);
+  const struct rpc_context *outer = loop->current;
+  loop->current = context_of(L, T);
   int status = lua_resume(T, L, nargs, &nres);
+  loop->current = outer;
   if (status == LUA_YIELD) {
     lua_pop(T, nres);
     push_table(L, UV_DUE);
@@ -231,11 +268,10 @@ void loop_resume(lua_State *L, lua_State *T, int nargs) {
       lua_pushthread(T);
       lua_xmove(T, L, 1);
       if (lua_pcall(L, 2, 0, 0) != LUA_OK) lua_pop(L, 1);
+      lua_pop(L, 1);
       lua_pushthread(T);
       lua_xmove(T, L, 1);
-      lua_pushnil(L);
-      lua_rawset(L, -3);
-      lua_pop(L, 1);
+      forget_owned(L);
     } else {
       lua_pop(L, 2);
     }

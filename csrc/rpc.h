@@ -40,11 +40,28 @@
 #define RPC_ERROR_HEADER "x-rpc-error"
 #define RPC_ERROR_KIND_HEADER "x-rpc-error-kind"  /* set only for kinds a client maps: too_large, codec */
 #define RPC_MAX_BODY_LIMIT 536870912  /* RabbitMQ refuses messages over 512 MiB whatever its config */
+#define RPC_DEADLINE_HEADER "x-rpc-deadline"          /* a request's deadline: ms since the epoch */
+#define RPC_HANDLER_TIME_HEADER "x-rpc-handler-time"  /* a reply's: seconds its handler ran */
+#define RPC_CLOCK_SKEW 0.5      /* seconds a deadline may seem past before a request is skipped */
+#define RPC_TRACESTATE_MAX 512  /* longer tracestate headers are not passed on */
+
+/* What a request being served passes on to the calls its handler makes. */
+struct rpc_context {
+  double deadline;              /* monotonic (rpc_now), or 0: none */
+  double deadline_wall;         /* seconds since the epoch, as the request said, or 0 */
+  int traced;                   /* a valid traceparent came with it */
+  char trace_id[33];            /* 32 lowercase hex digits */
+  char span_id[17];             /* the server's span for this request (new), 16 hex digits */
+  char flags[3];                /* trace-flags, 2 hex digits */
+  size_t tracestate_len;
+  char tracestate[RPC_TRACESTATE_MAX];
+};
 
 /* ---- errors (core.c) ---- */
 /* Pushes nil, message, kind and returns 3: the one way runtime failures reach Lua. */
 int rpc_fail(lua_State *L, const char *kind, const char *message);
 double rpc_now(void);   /* monotonic seconds */
+double rpc_wall_now(void);  /* seconds since the epoch */
 void rpc_new_type(lua_State *L, const char *name, const luaL_Reg *meta, const luaL_Reg *methods);
 void rpc_set_count(lua_State *L, const char *name, lua_Integer n);  /* t[name] = n, t on top */
 
@@ -105,6 +122,15 @@ struct rpc_ids;
 struct rpc_ids *ids_new(void);
 void ids_free(struct rpc_ids *ids);
 void ids_next(struct rpc_ids *ids, unsigned char id[16]);
+void ids_hex(struct rpc_ids *ids, char *out, size_t digits);  /* random lowercase hex, NUL ended */
+
+/* ---- trace context (trace.c): W3C traceparent and tracestate ---- */
+/* A traceparent header's value, checked as the W3C spec says: 1 and ctx's trace fields set
+ * (with a new span id from ids), or 0 (ignored). */
+int trace_parse(struct rpc_context *ctx, const char *value, size_t len, struct rpc_ids *ids);
+/* The traceparent (55 characters and a NUL, into out) of a call made under ctx (a new span of
+ * its trace) or, ctx NULL, of a new trace. */
+void trace_child(const struct rpc_context *ctx, struct rpc_ids *ids, char out[56]);
 
 /* ---- batched acks (acks.c) ---- */
 struct rpc_acks {
@@ -169,6 +195,7 @@ int conn_flush(struct rpc_conn *c, double bound, double until);
 int acks_flush(struct rpc_acks *a, struct rpc_conn *c);
 int conn_lost(struct rpc_conn *c, const char *kind, const char *fmt, ...);
 const char *conn_header(const amqp_basic_properties_t *p, const char *key, size_t *len);
+int conn_header_number(const amqp_basic_properties_t *p, const char *key, double *out);  /* 1: found */
 
 /* ---- AMQP field tables (table.c) ---- */
 void table_from_lua(lua_State *L, int idx, int argn, amqp_pool_t *pool, amqp_table_t *out);
@@ -258,8 +285,12 @@ void loop_remove(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w);
  * with lua_yieldk and continuation k, and the loop resumes it (loop_resume). A wait anywhere
  * else turns the loop, which resumes the threads that are due meanwhile. */
 /* The thread at idx may suspend; should it ever end in an error outside its own protection,
- * the function on top (popped) is called with the error and the thread. */
-void loop_own(lua_State *L, int idx);
+ * the function on top (popped) is called with the error and the thread. ctx, if not NULL, is
+ * its request's context while it runs (it must live as long as the thread runs). */
+void loop_own(lua_State *L, int idx, const struct rpc_context *ctx);
+/* The context of the request whose handler is running (its thread resumed by the loop, or
+ * anything that thread runs), or NULL. Valid until that thread yields or ends. */
+const struct rpc_context *loop_context(lua_State *L);
 void loop_disown(lua_State *L);  /* the running thread, at its end */
 int loop_can_suspend(lua_State *L);
 int loop_suspend(lua_State *L, double due, lua_KContext ctx, lua_KFunction k);  /* yields */

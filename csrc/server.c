@@ -32,6 +32,8 @@ struct request {
   int has_correlation_id;
   size_t reply_to_len, correlation_id_len;
   char reply_to[256], correlation_id[256];  /* shortstrs */
+  double started;             /* when its handler started (rpc_now), or 0: it never ran */
+  struct rpc_context ctx;     /* its deadline and trace, for the calls its handler makes */
 };
 
 struct binding {    /* opts.bind, copied at creation: redone on every reconnect */
@@ -67,9 +69,10 @@ struct rpc_server {
   int serving;                /* its own run() or poll() turns the loop: replies may wait */
   int reading;                /* the delivery's pool is read (until its handler starts): no write
                                * may lose the connection, which frees it */
+  struct rpc_ids *ids;        /* span ids for traced requests */
   struct {
     lua_Integer requests, replies, errors, no_reply_to, refused_reply_to, too_large, reconnects,
-        codec_errors;
+        codec_errors, expired;
   } stats;
 };
 
@@ -106,9 +109,13 @@ static void set_string_field(lua_State *L, const char *name, amqp_bytes_t b) {
 
 /* Built only for handlers that declare a second parameter. Returns 0, pushing nothing, when
  * the headers are over the caps of table_push. */
-static int push_request(lua_State *L, const struct rpc_message *m) {
+static int push_request(lua_State *L, const struct rpc_message *m, const struct request *r) {
   const amqp_basic_properties_t *p = m->props;
-  lua_createtable(L, 0, 7);
+  lua_createtable(L, 0, 8);
+  if (r->ctx.deadline_wall > 0) {
+    lua_pushnumber(L, r->ctx.deadline_wall);
+    lua_setfield(L, -2, "deadline");
+  }
   if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
     if (!table_push(L, &p->headers)) {
       lua_pop(L, 1);
@@ -126,6 +133,23 @@ static int push_request(lua_State *L, const struct rpc_message *m) {
   return 1;
 }
 
+/* What every reply carries besides what its handler said: how long the handler ran, and the
+ * request's trace under the server's span. Appended to the n entries at e (room for 2 more). */
+static int reply_headers(const struct request *r, amqp_table_entry_t *e, int n, char traceparent[56]) {
+  if (r->started > 0) {
+    e[n].key = amqp_cstring_bytes(RPC_HANDLER_TIME_HEADER);
+    e[n].value.kind = AMQP_FIELD_KIND_F64;
+    e[n++].value.value.f64 = rpc_now() - r->started;
+  }
+  if (r->ctx.traced) {
+    snprintf(traceparent, 56, "00-%s-%s-%s", r->ctx.trace_id, r->ctx.span_id, r->ctx.flags);
+    e[n].key = amqp_cstring_bytes("traceparent");
+    e[n].value.kind = AMQP_FIELD_KIND_UTF8;
+    e[n++].value.value.bytes = (amqp_bytes_t){55, traceparent};
+  }
+  return n;
+}
+
 /* Replies to r: failed, the reply is an error message; kind, if not NULL, the x-rpc-error-kind
  * a client maps; extra, if not NULL, the content type and headers a reply (not an error) carries.
  * Runs no Lua code. */
@@ -134,16 +158,24 @@ static int publish_reply(struct rpc_server *s, struct request *r, const char *re
   r->reply_due = 0;
   if (!s->open || !s->conn.amqp) return -1;  /* the request goes back to the queue */
   amqp_basic_properties_t props;
-  amqp_table_entry_t error[2];
+  amqp_table_entry_t own[4], *merged = NULL, *error = own;
+  char traceparent[56];
   props._flags = 0;
   if (r->has_correlation_id) {
     props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
     props.correlation_id = (amqp_bytes_t){r->correlation_id_len, r->correlation_id};
   }
+  props.headers = (amqp_table_t){0, own};
   if (extra && !failed) {
-    props._flags |= extra->_flags & (AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_HEADERS_FLAG);
+    props._flags |= extra->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG;
     props.content_type = extra->content_type;
-    props.headers = extra->headers;
+    int n = extra->_flags & AMQP_BASIC_HEADERS_FLAG ? extra->headers.num_entries : 0;
+    if (n && (merged = malloc(((size_t)n + 2) * sizeof *merged))) {
+      memcpy(merged, extra->headers.entries, (size_t)n * sizeof *merged);
+      props.headers = (amqp_table_t){n, merged};
+    } else if (n) {
+      props.headers = extra->headers;  /* no memory for ours: the handler's go alone */
+    }
   }
   if (failed) {
     error[0].key = amqp_cstring_bytes(RPC_ERROR_HEADER);
@@ -155,15 +187,17 @@ static int publish_reply(struct rpc_server *s, struct request *r, const char *re
     error[1].key = amqp_cstring_bytes(RPC_ERROR_KIND_HEADER);
     error[1].value.kind = AMQP_FIELD_KIND_UTF8;
     error[1].value.value.bytes = amqp_cstring_bytes(kind ? kind : "");
-    props._flags |= AMQP_BASIC_HEADERS_FLAG;
     props.headers.num_entries = kind ? 2 : 1;
-    props.headers.entries = error;
   }
+  if (props.headers.entries == own || merged)
+    props.headers.num_entries = reply_headers(r, props.headers.entries, props.headers.num_entries, traceparent);
+  if (props.headers.num_entries) props._flags |= AMQP_BASIC_HEADERS_FLAG;
   amqp_bytes_t body = {len, (void *)reply};
   amqp_bytes_t reply_to = {r->reply_to_len, r->reply_to};
   /* a reply may wait on a stalled peer as long as heartbeats would take to notice it */
   double bound = s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60;
   int st = conn_queue_publish(&s->conn, amqp_empty_bytes, reply_to, &props, body, bound);
+  free(merged);
   if (st == -2 && !failed) {  /* handler headers over the broker's frame size: say so instead */
     static const char why[] = "rabbitrpc: the reply's properties do not fit the broker's frame size";
     s->stats.too_large++;
@@ -218,6 +252,32 @@ static int has_reply_to(const amqp_basic_properties_t *p) {
   return (p->_flags & AMQP_BASIC_REPLY_TO_FLAG) && p->reply_to.len > 0;
 }
 
+/* A request's deadline and trace, from its headers; a malformed one is ignored. */
+static void read_context(struct rpc_server *s, const amqp_basic_properties_t *p, struct rpc_context *ctx) {
+  double ms;
+  ctx->deadline = ctx->deadline_wall = 0;
+  if (conn_header_number(p, RPC_DEADLINE_HEADER, &ms) && ms > 0 && ms < 1e15) {
+    ctx->deadline_wall = ms / 1000;
+    ctx->deadline = rpc_now() + (ctx->deadline_wall - rpc_wall_now());
+  }
+  size_t len;
+  const char *v = conn_header(p, "traceparent", &len);
+  ctx->traced = 0;
+  ctx->tracestate_len = 0;
+  if (!v || !trace_parse(ctx, v, len, s->ids)) return;
+  v = conn_header(p, "tracestate", &len);
+  if (v && len <= sizeof ctx->tracestate) {
+    memcpy(ctx->tracestate, v, len);
+    ctx->tracestate_len = len;
+  }
+}
+
+/* Its caller has given up (its deadline passed while it waited in the queue or in our prefetch
+ * window): the work would be for nobody. */
+static int expired(const struct request *r) {
+  return r->ctx.deadline > 0 && rpc_now() > r->ctx.deadline + RPC_CLOCK_SKEW;
+}
+
 /* The delivery in s->conn.msg, as s->in_hand. */
 static void take_in_hand(struct rpc_server *s) {
   const struct rpc_message *m = &s->conn.msg;
@@ -234,6 +294,8 @@ static void take_in_hand(struct rpc_server *s) {
   r->has_correlation_id = (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) != 0;
   r->correlation_id_len = r->has_correlation_id ? p->correlation_id.len : 0;
   if (r->correlation_id_len) memcpy(r->correlation_id, p->correlation_id.bytes, r->correlation_id_len);
+  r->started = 0;
+  read_context(s, p, &r->ctx);
 }
 
 static void log_line(lua_State *L, int idx, const char *fmt, ...);
@@ -481,7 +543,7 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   lua_getiuservalue(L, idx, UV_MSGH);
   lua_getiuservalue(L, idx, UV_HANDLER);
   lua_pushlstring(L, m->body, m->size);
-  if (s->wants_request && !push_request(L, m)) {
+  if (s->wants_request && !push_request(L, m, r)) {
     lua_settop(L, top);
     refuse_too_large(L, s, "request headers over 16 levels deep or 1024 entries");
     return;
@@ -494,12 +556,13 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   lua_pop(L, 1);
   lua_pushvalue(L, top + 3);
   lua_pushcclosure(L, request_abort, 1);
-  loop_own(L, top + 1);
+  loop_own(L, top + 1, r->ctx.deadline > 0 || r->ctx.traced ? &r->ctx : NULL);
   s->in_hand.reply_due = s->in_hand.ack_due = 0;  /* the thread's now */
   s->in_progress++;
   lua_xmove(L, T, nargs + 1);
   s->starting = r;
   s->reading = 0;  /* all the handler needs is copied */
+  r->started = rpc_now();
   loop_resume(L, T, nargs);
   s->starting = NULL;
   lua_settop(L, top);
@@ -519,7 +582,9 @@ static void handle_request(lua_State *L, struct rpc_server *s, int idx) {
     return;
   }
   s->stats.requests++;
-  if (has_reply_to(m->props) && !reply_to_allowed(L, s, idx, m->props->reply_to)) {
+  if (expired(&s->in_hand)) {
+    s->stats.expired++;  /* acked, no reply: the caller has stopped waiting */
+  } else if (has_reply_to(m->props) && !reply_to_allowed(L, s, idx, m->props->reply_to)) {
     char name[80];
     s->stats.refused_reply_to++;
     log_line(L, idx, "rpc.server '%s': refused a request: reply_to '%s' is not allowed (reply_to_allow)",
@@ -985,6 +1050,7 @@ static int server_new(lua_State *L) {
   s->codec = codec;
   s->server_named = qlen == 0;
   if (s->server_named) s->exclusive = 1;  /* a new name per connection: the old queue must go with it */
+  s->ids = ids_new();
   s->jitter = ((uint32_t)((uintptr_t)s >> 4) ^ (uint32_t)(rpc_now() * 1e6)) | 1;  /* never 0 */
   s->open = 1;
   if (conn_open(&s->conn, s->conn.connect_timeout) || declare_and_consume(s)) {
@@ -1113,6 +1179,8 @@ static void server_close(lua_State *L, struct rpc_server *s) {
   s->close_pending = 0;
   conn_free(&s->conn);
   acks_free(&s->acks);
+  ids_free(s->ids);
+  s->ids = NULL;
   empty_amqp_pool(&s->args_pool);
   s->args = amqp_empty_table;
   free(s->bindings);
@@ -1136,6 +1204,7 @@ static int server_stats(lua_State *L) {
   rpc_set_count(L, "too_large", s->stats.too_large);
   rpc_set_count(L, "reconnects", s->stats.reconnects);
   rpc_set_count(L, "codec_errors", s->stats.codec_errors);
+  rpc_set_count(L, "expired", s->stats.expired);
   rpc_set_count(L, "in_progress", s->in_progress);
   lua_pushboolean(L, s->conn.amqp != NULL);
   lua_setfield(L, -2, "connected");

@@ -9,6 +9,7 @@ local M = {
   connect = core.connect, -- rpc.connect([opts]): publish, declare, bind, consume, receive, ack
   sleep = core.sleep,     -- rpc.sleep(seconds): in a handler, suspends only it
   now = core.now,         -- rpc.now(): monotonic seconds (a float), the clock timeouts use
+  remaining = core.remaining, -- rpc.remaining(): seconds left to the served request's deadline, or nil
   _VERSION = core._VERSION,
 }
 

@@ -42,7 +42,7 @@ build = {
       sources = {
         "csrc/core.c", "csrc/options.c", "csrc/connection.c", "csrc/table.c",
         "csrc/pending.c", "csrc/loop.c", "csrc/client.c", "csrc/server.c", "csrc/messaging.c",
-        "csrc/codec.c", "csrc/frames.c", "csrc/acks.c", "csrc/ids.c",
+        "csrc/codec.c", "csrc/frames.c", "csrc/acks.c", "csrc/ids.c", "csrc/trace.c",
       },
       libraries = { "rabbitmq", "uuid", "ssl", "crypto", "m" },
       incdirs = { "$(RABBITMQ_INCDIR)", "$(UUID_INCDIR)", "$(OPENSSL_INCDIR)" },

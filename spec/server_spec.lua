@@ -134,7 +134,10 @@ describe("rpc.server", function()
     assert.equal(queue, r.routing_key)
     assert.equal("", r.exchange)
     assert.is_nil(r.content_type)
-    assert.is_true(r.headers == nil or next(r.headers) == nil, "headers nobody sent")
+    local names = {}
+    for k in pairs(r.headers or {}) do names[#names + 1] = k end
+    assert.same({"x-rpc-deadline"}, names, "headers nobody sent but the deadline")
+    assert.is_number(r.deadline)
   end)
 
   it("handles and acks a request without reply_to, sending no reply", function()

@@ -54,6 +54,7 @@
 ---@field confirm? boolean publisher confirms: a request the broker refuses fails at once with "broker"
 ---@field exchange? string publish requests through this exchange, with the queue as routing key
 ---@field codec? "json"|rpc.Codec bodies are Lua values, encoded and decoded by it
+---@field trace? boolean requests made outside a traced handler start a W3C trace (a traceparent header)
 
 ---A binding of the server's queue (opts.bind).
 ---@class rpc.Binding
@@ -102,6 +103,7 @@
 ---@field redelivered boolean true: the request was delivered before (maybe handled)
 ---@field routing_key string
 ---@field exchange string
+---@field deadline? number when the caller gives up: seconds since the epoch (os.time's clock, with fractions)
 
 ---A server's handler: returns the reply (a string or number; with a codec, any value), and
 ---optionally the reply's properties. A second value is properties only when it is a table (one
@@ -127,6 +129,7 @@
 ---@field too_large integer
 ---@field reconnects integer
 ---@field codec_errors integer requests opts.codec could not decode, answered with kind "codec" (not in errors)
+---@field expired integer requests skipped unhandled: their deadline had passed (acked, no reply)
 ---@field in_progress integer handlers under way
 ---@field connected boolean
 ---@field last_error? string the latest handler error, with its traceback
@@ -180,6 +183,11 @@ function rpc.sleep(seconds) end
 ---A monotonic clock: seconds (a float) since an arbitrary point, for deadlines and timing.
 ---@return number seconds
 function rpc.now() end
+
+---Seconds left before the deadline of the request whose handler calls it (0 once past); nil
+---outside a handler, or for a request that came without a deadline.
+---@return number? seconds
+function rpc.remaining() end
 
 -- ---- rpc.client ----
 
