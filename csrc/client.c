@@ -423,10 +423,9 @@ static int timed_out(lua_State *L, struct rpc_client *c, struct rpc_call *call) 
   double seconds = call->timeout;
   pending_remove(&c->pending, call);
   c->stats.timeouts++;
-  lua_pushnil(L);
-  lua_pushfstring(L, "no reply from queue '%s' within %f s", c->queue, seconds);
-  lua_pushliteral(L, "timeout");
-  return 3;
+  char text[400];
+  snprintf(text, sizeof text, "no reply from queue '%s' within %.4g s", c->queue, seconds);
+  return rpc_fail(L, "timeout", text);
 }
 
 /* One look at call id, waited for in a handler thread until call->wait_deadline: its result
