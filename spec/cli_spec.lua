@@ -28,7 +28,9 @@ return function(body, request)
   if body == "fail" then error("refused: " .. body, 0) end
   local parts = {"content_type=" .. tostring(request.content_type)}
   local keys = {}
-  for k in pairs(request.headers or {}) do keys[#keys + 1] = k end
+  for k in pairs(request.headers or {}) do
+    if k ~= "x-rpc-deadline" then keys[#keys + 1] = k end  -- every rabbitrpc request has one
+  end
   table.sort(keys)
   for _, k in ipairs(keys) do
     local v = request.headers[k]
