@@ -135,13 +135,21 @@ static int push_request(lua_State *L, const struct rpc_message *m, const struct 
 
 /* What every reply carries besides what its handler said: how long the handler ran, and the
  * request's trace under the server's span. Appended to the n entries at e (room for 2 more). */
+static int has_entry(const amqp_table_entry_t *e, int n, const char *key) {
+  size_t len = strlen(key);
+  for (int i = 0; i < n; i++)
+    if (e[i].key.len == len && memcmp(e[i].key.bytes, key, len) == 0) return 1;
+  return 0;
+}
+
 static int reply_headers(const struct request *r, amqp_table_entry_t *e, int n, char traceparent[56]) {
-  if (r->started > 0) {
+  int given = n;  /* a handler's own values win */
+  if (r->started > 0 && !has_entry(e, given, RPC_HANDLER_TIME_HEADER)) {
     e[n].key = amqp_cstring_bytes(RPC_HANDLER_TIME_HEADER);
     e[n].value.kind = AMQP_FIELD_KIND_F64;
     e[n++].value.value.f64 = rpc_now() - r->started;
   }
-  if (r->ctx.traced) {
+  if (r->ctx.traced && !has_entry(e, given, "traceparent")) {
     snprintf(traceparent, 56, "00-%s-%s-%s", r->ctx.trace_id, r->ctx.span_id, r->ctx.flags);
     e[n].key = amqp_cstring_bytes("traceparent");
     e[n].value.kind = AMQP_FIELD_KIND_UTF8;
