@@ -43,6 +43,7 @@ struct rpc_client {
   int reading;          /* a message is in hand: a finalizer must not read past it */
   struct rpc_codec codec;  /* opts.codec */
   struct { lua_Integer calls, replies, timeouts, remote_errors, no_route, discarded, codec_errors; } stats;
+  struct rpc_histogram latency;  /* publish to reply, over replies that are not errors */
 };
 
 static struct rpc_client *check_client(lua_State *L) {
@@ -321,6 +322,8 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
     data = m->body;
     len = m->size;
     c->stats.replies++;
+    /* timed as it arrives, not when a wait takes it: a late wait() is not the round trip's */
+    histogram_record(&c->latency, rpc_now() - call->published);
   }
   const amqp_basic_properties_t *props = state == CALL_REPLIED && call->want_props ? m->props : NULL;
   if (memcmp(id, target, 16) == 0) {
@@ -755,6 +758,7 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
     call->waited = waited;
     call->seq = c->confirm ? ++c->published : 0;
     call->want_props = r->properties;
+    call->published = rpc_now();
     /* mandatory: an unroutable request comes back as basic.return and fails the call at once */
     if (!conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props,
                       (amqp_bytes_t){len, (void *)body}, r->timeout))
@@ -1007,7 +1011,7 @@ static int client_close(lua_State *L) {
 
 static int client_stats(lua_State *L) {
   struct rpc_client *c = check_client(L);
-  lua_createtable(L, 0, 7);
+  lua_createtable(L, 0, 8);
   rpc_set_count(L, "calls", c->stats.calls);
   rpc_set_count(L, "replies", c->stats.replies);
   rpc_set_count(L, "timeouts", c->stats.timeouts);
@@ -1015,6 +1019,8 @@ static int client_stats(lua_State *L) {
   rpc_set_count(L, "no_route", c->stats.no_route);
   rpc_set_count(L, "discarded", c->stats.discarded);
   rpc_set_count(L, "codec_errors", c->stats.codec_errors);
+  histogram_push(L, &c->latency);
+  lua_setfield(L, -2, "latency");
   return 1;
 }
 

@@ -33,6 +33,8 @@ struct request {
   size_t reply_to_len, correlation_id_len;
   char reply_to[256], correlation_id[256];  /* shortstrs */
   double started;             /* when its handler started (rpc_now), or 0: it never ran */
+  double ran;                 /* seconds it ran, fixed as it ends: its reply header and
+                               * stats().handler_time say the same */
   struct rpc_context ctx;     /* its deadline and trace, for the calls its handler makes */
 };
 
@@ -74,6 +76,7 @@ struct rpc_server {
     lua_Integer requests, replies, errors, no_reply_to, refused_reply_to, too_large, reconnects,
         codec_errors, expired;
   } stats;
+  struct rpc_histogram handler_time;  /* of every request whose handler ran */
 };
 
 /* Can take a request now: open, connected, not inside its own handler. */
@@ -147,7 +150,7 @@ static int reply_headers(const struct request *r, amqp_table_entry_t *e, int n, 
   if (r->started > 0 && !has_entry(e, given, RPC_HANDLER_TIME_HEADER)) {
     e[n].key = amqp_cstring_bytes(RPC_HANDLER_TIME_HEADER);
     e[n].value.kind = AMQP_FIELD_KIND_F64;
-    e[n++].value.value.f64 = rpc_now() - r->started;
+    e[n++].value.value.f64 = r->ran;
   }
   if (r->ctx.traced && !has_entry(e, given, "traceparent")) {
     snprintf(traceparent, 56, "00-%s-%s-%s", r->ctx.trace_id, r->ctx.span_id, r->ctx.flags);
@@ -302,7 +305,7 @@ static void take_in_hand(struct rpc_server *s) {
   r->has_correlation_id = (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) != 0;
   r->correlation_id_len = r->has_correlation_id ? p->correlation_id.len : 0;
   if (r->correlation_id_len) memcpy(r->correlation_id, p->correlation_id.bytes, r->correlation_id_len);
-  r->started = 0;
+  r->started = r->ran = 0;
   read_context(s, p, &r->ctx);
 }
 
@@ -443,6 +446,14 @@ static int reply_text(lua_State *L) {
   return 4;
 }
 
+/* A handler thread's request is done: how long it ran (up to its reply being ready), counted
+ * when the handler did run (a body the codec refused never reached it). Runs no Lua code. */
+static void handler_ended(struct rpc_server *s, struct request *r) {
+  if (r->started <= 0) return;
+  r->ran = rpc_now() - r->started;
+  if (!r->codec_failed) histogram_record(&s->handler_time, r->ran);
+}
+
 /* The end of a handler thread (request_main's continuation, or its return): the reply, the
  * ack, and the thread's anchors released. Stack: 1 request, 2 message handler, 3 the handler's
  * result or error, 4 its reply properties. Whatever raises is protected: the request is always
@@ -474,6 +485,7 @@ static int request_done(lua_State *T, int status, lua_KContext armed) {
   } else {
     len = strlen(reply);
   }
+  handler_ended(s, r);
   if (r->reply_due) publish_reply(s, r, reply, len, failed, kind, &out.props);
   else if (!r->reply_to_len) s->stats.no_reply_to++;
   empty_amqp_pool(&out.pool);
@@ -498,6 +510,7 @@ static int request_abort(lua_State *L) {
   size_t len = sizeof unknown - 1;
   const char *why = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &len) : unknown;
   s->stats.errors++;
+  handler_ended(s, r);
   if (r->reply_due) publish_reply(s, r, why, len, 1, NULL, NULL);
   ack_request(s, r);
   s->in_progress--;
@@ -1203,7 +1216,7 @@ static int server_close_method(lua_State *L) {
 
 static int server_stats(lua_State *L) {
   struct rpc_server *s = check_server(L, 1);
-  lua_createtable(L, 0, 11);
+  lua_createtable(L, 0, 12);
   rpc_set_count(L, "requests", s->stats.requests);
   rpc_set_count(L, "replies", s->stats.replies);
   rpc_set_count(L, "errors", s->stats.errors);
@@ -1216,6 +1229,8 @@ static int server_stats(lua_State *L) {
   rpc_set_count(L, "in_progress", s->in_progress);
   lua_pushboolean(L, s->conn.amqp != NULL);
   lua_setfield(L, -2, "connected");
+  histogram_push(L, &s->handler_time);
+  lua_setfield(L, -2, "handler_time");
   lua_getiuservalue(L, 1, UV_LAST_ERROR);
   lua_setfield(L, -2, "last_error");
   return 1;

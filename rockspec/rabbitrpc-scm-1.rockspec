@@ -43,6 +43,7 @@ build = {
         "csrc/core.c", "csrc/options.c", "csrc/connection.c", "csrc/table.c",
         "csrc/pending.c", "csrc/loop.c", "csrc/client.c", "csrc/server.c", "csrc/messaging.c",
         "csrc/codec.c", "csrc/frames.c", "csrc/acks.c", "csrc/ids.c", "csrc/trace.c",
+        "csrc/histogram.c",
       },
       libraries = { "rabbitmq", "uuid", "ssl", "crypto", "m" },
       incdirs = { "$(RABBITMQ_INCDIR)", "$(UUID_INCDIR)", "$(OPENSSL_INCDIR)" },

@@ -111,6 +111,15 @@
 ---is ignored. A raise is an error reply (kind "remote" for the caller).
 ---@alias rpc.Handler fun(body: any, request: rpc.Request): any, rpc.ReplyProperties|any
 
+---Figures of a fixed log-bucket histogram (README "Latency figures"), in seconds: each
+---percentile within about 4.5 % of the true one and never above max; all 0 while count is 0.
+---@class rpc.Latency
+---@field count integer values recorded
+---@field p50 number
+---@field p90 number
+---@field p99 number
+---@field max number the largest, exact
+
 ---@class rpc.ClientStats
 ---@field calls integer
 ---@field replies integer
@@ -119,6 +128,7 @@
 ---@field no_route integer
 ---@field discarded integer late, duplicate or foreign replies thrown away
 ---@field codec_errors integer replies opts.codec could not decode (the call got kind "codec")
+---@field latency rpc.Latency publish to arrival of every reply that is not an error (send's too)
 
 ---@class rpc.ServerStats
 ---@field requests integer
@@ -131,6 +141,7 @@
 ---@field codec_errors integer requests opts.codec could not decode, answered with kind "codec" (not in errors)
 ---@field expired integer requests skipped unhandled: their deadline had passed (acked, no reply)
 ---@field in_progress integer handlers under way
+---@field handler_time rpc.Latency run times of the handlers that ran (success or error): x-rpc-handler-time
 ---@field connected boolean
 ---@field last_error? string the latest handler error, with its traceback
 

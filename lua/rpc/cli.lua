@@ -94,7 +94,8 @@ local function build_parser(wanted)
       .. "and writes the reply to standard output, followed by a newline unless --raw. "
       .. "Put -- before a BODY that starts with '-'. With --repeat or --parallel the replies "
       .. "are not printed: a summary is (calls, failures by kind, calls/s, latency "
-      .. "min/p50/p90/p99/max in ms).")
+      .. "min/p50/p90/p99/max in ms, and its p50/p99 split into the server's handler time "
+      .. "and the rest: queue and transport).")
     :epilog(EXIT_HELP))
   call:argument("queue", "Routing key of the requests: the server's queue."):args(1)
   call:argument("body", "The request body (default: standard input)."):args("?")
@@ -181,13 +182,29 @@ local function percentile(sorted, p)
   return sorted[i]
 end
 
+--- The summary lines splitting the successful calls' latencies into their handlers' time (the
+-- reply's x-rpc-handler-time header: handler_times) and the rest (rests), in ms; missing:
+-- replies without the header (a server that is not rabbitrpc, or older).
+local function split_lines(handler_times, rests, missing)
+  if #handler_times == 0 then return {"handler: unknown (no reply had an x-rpc-handler-time header)"} end
+  table.sort(handler_times)
+  table.sort(rests)
+  local of = missing > 0 and (" (%d of %d replies)"):format(#handler_times, #handler_times + missing) or ""
+  return {
+    ("handler: p50 %.3f p99 %.3f ms%s"):format(percentile(handler_times, 50), percentile(handler_times, 99), of),
+    ("queue+transport: p50 %.3f p99 %.3f ms%s"):format(percentile(rests, 50), percentile(rests, 99), of),
+  }
+end
+
 --- --repeat N --parallel K: N calls, at most K in flight, waited for in the order sent.
 -- Returns the summary lines and the failures ({kind = {count, message}}, kinds in order).
 local function call_many(client, body, args, callopts)
   local now = rpc.now
   local n, k = args["repeat"] or 1, math.min(args.parallel or 1, args["repeat"] or 1)
   callopts.timeout = args.timeout
+  callopts.properties = true   -- for the handler time its reply carries
   local latencies, failures, kinds = {}, {}, {}
+  local handler_times, rests, missing = {}, {}, 0
   local function failed(kind, message)
     local f = failures[kind]
     if not f then
@@ -214,11 +231,19 @@ local function call_many(client, body, args, callopts)
     if head <= tail then
       local entry = queue[head]
       queue[head], head = nil, head + 1
-      local reply, message, kind = client:wait(entry[1])
+      local reply, props_or_message, kind = client:wait(entry[1])
       if reply then
-        latencies[#latencies + 1] = (now() - entry[2]) * 1000
+        local ms = (now() - entry[2]) * 1000
+        latencies[#latencies + 1] = ms
+        local handler_time = props_or_message.headers and props_or_message.headers["x-rpc-handler-time"]
+        if type(handler_time) == "number" then
+          handler_times[#handler_times + 1] = handler_time * 1000
+          rests[#rests + 1] = ms - handler_time * 1000
+        else
+          missing = missing + 1
+        end
       else
-        failed(kind, message)
+        failed(kind, props_or_message)
       end
     end
   end
@@ -236,6 +261,7 @@ local function call_many(client, body, args, callopts)
     lines[#lines + 1] = ("latency: min %.3f p50 %.3f p90 %.3f p99 %.3f max %.3f ms"):format(
       latencies[1], percentile(latencies, 50), percentile(latencies, 90),
       percentile(latencies, 99), latencies[#latencies])
+    for _, line in ipairs(split_lines(handler_times, rests, missing)) do lines[#lines + 1] = line end
   else
     lines[#lines + 1] = "latency: none (no call succeeded)"
   end
