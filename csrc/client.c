@@ -276,6 +276,7 @@ static const char *remote_kind(const amqp_basic_properties_t *p) {
   const char *kind = conn_header(p, RPC_ERROR_KIND_HEADER, &len);
   if (kind && len == 9 && memcmp(kind, "too_large", 9) == 0) return "too_large";
   if (kind && len == 5 && memcmp(kind, "codec", 5) == 0) return "codec";
+  if (kind && len == 8 && memcmp(kind, "poisoned", 8) == 0) return "poisoned";
   return "remote";
 }
 

@@ -700,6 +700,19 @@ int conn_queue_ack(struct rpc_conn *c, uint64_t delivery_tag, int multiple) {
   return conn_lost(c, "connection", "acknowledging on %s failed: %s", c->where, amqp_error_string2(st));
 }
 
+/* A reject in the same queue as replies and acks: it follows the reply queued before it. */
+int conn_queue_reject(struct rpc_conn *c, uint64_t delivery_tag, int requeue) {
+  int st;
+  if (uses_tls(c)) {
+    st = amqp_basic_reject(c->amqp, RPC_CHANNEL, delivery_tag, requeue);
+  } else {
+    if (!c->out.len) c->out.since = rpc_now();
+    st = frames_reject(&c->out, delivery_tag, requeue);
+  }
+  if (st == AMQP_STATUS_OK) return 0;
+  return conn_lost(c, "connection", "rejecting on %s failed: %s", c->where, amqp_error_string2(st));
+}
+
 /* The text value of header key, or NULL. */
 const char *conn_header(const amqp_basic_properties_t *p, const char *key, size_t *len) {
   if (!p || !(p->_flags & AMQP_BASIC_HEADERS_FLAG)) return NULL;

@@ -1,4 +1,4 @@
-/* Outgoing frames: publishes and acks encoded into one buffer and written with one send().
+/* Outgoing frames: publishes, acks and rejects encoded into one buffer and written with one send().
  * rabbitmq-c 0.11 sends every frame with a send() of its own (three per publish, one per ack)
  * and copies the body into its own buffer all the same; a server that has several replies and
  * their acks to send writes them together here. rabbitmq-c exports its encoders
@@ -114,6 +114,11 @@ int frames_publish(struct rpc_out *o, amqp_bytes_t exchange, amqp_bytes_t routin
 int frames_ack(struct rpc_out *o, uint64_t tag, int multiple) {
   amqp_basic_ack_t m = {tag, (amqp_boolean_t)(multiple != 0)};
   return put_method(o, AMQP_BASIC_ACK_METHOD, &m, 9);
+}
+
+int frames_reject(struct rpc_out *o, uint64_t tag, int requeue) {
+  amqp_basic_reject_t m = {tag, (amqp_boolean_t)(requeue != 0)};
+  return put_method(o, AMQP_BASIC_REJECT_METHOD, &m, 9);
 }
 
 /* Writes everything buffered, waiting for room in the socket while the peer reads: stall

@@ -38,7 +38,7 @@
 #define RPC_DRAIN 30.0          /* seconds run() lets requests in progress finish after a signal */
 #define RPC_DIRECT_REPLY_TO "amq.rabbitmq.reply-to"
 #define RPC_ERROR_HEADER "x-rpc-error"
-#define RPC_ERROR_KIND_HEADER "x-rpc-error-kind"  /* set only for kinds a client maps: too_large, codec */
+#define RPC_ERROR_KIND_HEADER "x-rpc-error-kind"  /* set only for kinds a client maps: too_large, codec, poisoned */
 #define RPC_MAX_BODY_LIMIT 536870912  /* RabbitMQ refuses messages over 512 MiB whatever its config */
 #define RPC_DEADLINE_HEADER "x-rpc-deadline"          /* a request's deadline: ms since the epoch */
 #define RPC_HANDLER_TIME_HEADER "x-rpc-handler-time"  /* a reply's: seconds its handler ran */
@@ -113,6 +113,7 @@ struct rpc_out {
 int frames_publish(struct rpc_out *o, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
                    const amqp_basic_properties_t *props, amqp_bytes_t body, size_t frame_max);
 int frames_ack(struct rpc_out *o, uint64_t tag, int multiple);
+int frames_reject(struct rpc_out *o, uint64_t tag, int requeue);
 int frames_write(struct rpc_out *o, int fd, double stall, double until);
 void frames_discard(struct rpc_out *o);
 void frames_free(struct rpc_out *o);
@@ -201,6 +202,7 @@ int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing
 int conn_queue_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key,
                        const amqp_basic_properties_t *props, amqp_bytes_t body, double bound);
 int conn_queue_ack(struct rpc_conn *c, uint64_t delivery_tag, int multiple);
+int conn_queue_reject(struct rpc_conn *c, uint64_t delivery_tag, int requeue);
 int conn_flush(struct rpc_conn *c, double bound, double until);
 int acks_flush(struct rpc_acks *a, struct rpc_conn *c);
 int conn_lost(struct rpc_conn *c, const char *kind, const char *fmt, ...);

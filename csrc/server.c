@@ -16,6 +16,9 @@
 #define FIRST_RETRY 0.1        /* seconds before the first reconnect */
 #define MAX_RETRY 30.0         /* the backoff doubles up to this */
 #define FLUSH_AFTER 0.001      /* seconds a queued reply may wait for others to share its send */
+#define MAX_DELIVERIES 3       /* opts.max_deliveries' default */
+#define DELIVERIES_HEADER "x-rpc-deliveries"    /* classic queues: deliveries so far, in the copy */
+#define QUORUM_COUNT_HEADER "x-delivery-count"  /* quorum queues: the broker's count of earlier ones */
 
 /* user values */
 enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_REQUESTS, UV_CODEC, UV_COUNT = UV_CODEC };
@@ -65,6 +68,8 @@ struct rpc_server {
   double backoff, retry_at;   /* while the connection is down */
   uint32_t jitter;            /* xorshift state for the backoff's jitter */
   int has_allow;      /* opts.reply_to_allow was given */
+  lua_Integer max_deliveries;  /* a redelivery past it is poison (0: never) */
+  int quorum;         /* declared as a quorum queue: the broker counts deliveries */
   struct rpc_codec codec;     /* opts.codec */
   struct rpc_acks acks;       /* deliveries not yet acked, for batched acks */
   const struct request *starting;  /* the request whose handler the server's step runs */
@@ -74,7 +79,7 @@ struct rpc_server {
   struct rpc_ids *ids;        /* span ids for traced requests */
   struct {
     lua_Integer requests, replies, errors, no_reply_to, refused_reply_to, too_large, reconnects,
-        codec_errors, expired;
+        codec_errors, expired, poisoned;
   } stats;
   struct rpc_histogram handler_time;  /* of every request whose handler ran */
 };
@@ -129,7 +134,8 @@ static int push_request(lua_State *L, const struct rpc_message *m, const struct 
   if (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) set_string_field(L, "correlation_id", p->correlation_id);
   if (p->_flags & AMQP_BASIC_REPLY_TO_FLAG) set_string_field(L, "reply_to", p->reply_to);
   if (p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG) set_string_field(L, "content_type", p->content_type);
-  lua_pushboolean(L, m->deliver.redelivered);
+  double count;  /* the copy a redelivery became (requeue_counted) was delivered before too */
+  lua_pushboolean(L, m->deliver.redelivered || conn_header_number(p, DELIVERIES_HEADER, &count));
   lua_setfield(L, -2, "redelivered");
   set_string_field(L, "routing_key", m->deliver.routing_key);
   set_string_field(L, "exchange", m->deliver.exchange);
@@ -589,6 +595,98 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   lua_settop(L, top);
 }
 
+/* ---- poison requests: a request that kills its server comes back to kill the next ---- */
+
+/* How many times the redelivered request in hand has now been delivered. A quorum queue counts
+ * for us: each redelivery carries x-delivery-count, the deliveries before it (RabbitMQ 3.10
+ * sets it from 1 on, over whatever a publisher put there). A classic queue only says
+ * "redelivered": the count travels in the message, in the header of the copy the previous
+ * redelivery made; without one, this is the second delivery. */
+static lua_Integer delivery_number(const struct rpc_server *s, const amqp_basic_properties_t *p) {
+  double n;
+  if (!conn_header_number(p, s->quorum ? QUORUM_COUNT_HEADER : DELIVERIES_HEADER, &n) || !(n >= 1))
+    n = 1;
+  if (n > INT32_MAX) n = INT32_MAX;  /* a publisher's, for its own request: poisoned */
+  return (lua_Integer)n + 1;
+}
+
+/* Rejects the request in hand without requeue (its queue's dead-letter exchange gets it, if it
+ * has one) and tells its caller why, without running the handler: each earlier delivery may
+ * have killed a server. The reply goes out before the reject, in the same write. */
+static void reject_poisoned(lua_State *L, struct rpc_server *s, int idx, lua_Integer n) {
+  const amqp_basic_properties_t *p = s->conn.msg.props;
+  struct request *r = &s->in_hand;
+  s->stats.requests++;
+  s->stats.poisoned++;
+  r->reply_due = has_reply_to(p) && reply_to_allowed(L, s, idx, p->reply_to);
+  log_line(L, idx, "rpc.server '%s': rejected a request delivered %lld times (max_deliveries %lld): poisoned",
+           s->queue, (long long)n, (long long)s->max_deliveries);
+  const char *text = lua_pushfstring(L, "request delivered %I times, more than max_deliveries (%I): "
+                                     "its handler may kill the server; rejected unhandled by queue '%s'",
+                                     n, s->max_deliveries, s->queue);
+  if (r->reply_due) publish_reply(s, r, text, strlen(text), 1, "poisoned", NULL);
+  lua_pop(L, 1);
+  if (r->tracked) acks_settled(&s->acks, r->tag);  /* no ack may name it now */
+  else s->acks.untracked--;
+  r->ack_due = 0;
+  if (s->conn.amqp) conn_queue_reject(&s->conn, r->tag, 0);  /* lost: the broker requeues it */
+}
+
+/* A classic queue keeps no count that survives the crashing process: the redelivery in hand
+ * goes back to the back of its queue as a copy (default exchange, the queue's current name,
+ * every property but another user's user_id, and the body) with x-rpc-deliveries = n, and the
+ * original is acked after it, in the same write: lost before, the original is redelivered.
+ * -1 when the copy cannot be made (its headers would not fit a frame, no memory): the handler
+ * then runs, uncounted. */
+static int requeue_counted(struct rpc_server *s, lua_Integer n) {
+  const struct rpc_message *m = &s->conn.msg;
+  amqp_basic_properties_t props = *m->props;
+  int old = props._flags & AMQP_BASIC_HEADERS_FLAG ? props.headers.num_entries : 0, kept = 0;
+  amqp_table_entry_t *e = malloc(((size_t)old + 1) * sizeof *e);
+  if (!e) return -1;
+  for (int i = 0; i < old; i++) {
+    amqp_bytes_t key = props.headers.entries[i].key;
+    if (key.len != sizeof DELIVERIES_HEADER - 1 || memcmp(key.bytes, DELIVERIES_HEADER, key.len) != 0)
+      e[kept++] = props.headers.entries[i];
+  }
+  e[kept].key = amqp_cstring_bytes(DELIVERIES_HEADER);
+  e[kept].value.kind = AMQP_FIELD_KIND_I64;
+  e[kept++].value.value.i64 = n;
+  props._flags |= AMQP_BASIC_HEADERS_FLAG;
+  props.headers = (amqp_table_t){kept, e};
+  /* the broker refuses a user_id other than the publishing connection's user, closing the
+   * channel (406): kept, another user's would cost the server its channel on every redelivery */
+  const char *user = s->conn.endpoints[s->conn.current].user;
+  if ((props._flags & AMQP_BASIC_USER_ID_FLAG) &&
+      (props.user_id.len != strlen(user) || memcmp(props.user_id.bytes, user, props.user_id.len) != 0))
+    props._flags &= ~(amqp_flags_t)AMQP_BASIC_USER_ID_FLAG;
+  double bound = s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60;
+  int st = conn_queue_publish(&s->conn, amqp_empty_bytes, amqp_cstring_bytes(s->queue), &props,
+                              (amqp_bytes_t){m->size, (void *)m->body}, bound);
+  free(e);
+  if (st == -2) return -1;
+  s->in_hand.reply_due = 0;  /* the copy's handler answers */
+  return 0;
+}
+
+/* With max_deliveries, a redelivery is counted: 1 when it was settled here (copied back to
+ * its queue, or poisoned), 0 when its handler is to run. What would not run the handler anyway
+ * (a body over max_body, a caller gone) is left to the checks that follow. */
+static int count_redelivery(lua_State *L, struct rpc_server *s, int idx) {
+  const struct rpc_message *m = &s->conn.msg;
+  if (!s->max_deliveries || !m->deliver.redelivered || m->oversized || expired(&s->in_hand)) return 0;
+  lua_Integer n = delivery_number(s, m->props);
+  if (n > s->max_deliveries) {
+    reject_poisoned(L, s, idx, n);
+    return 1;
+  }
+  if (s->quorum) return 0;  /* the broker counts the next one */
+  if (requeue_counted(s, n) == 0) return 1;
+  log_line(L, idx, "rpc.server '%s': a redelivered request could not be copied to count it "
+           "(headers too large, or no memory): handled uncounted", s->queue);
+  return 0;
+}
+
 /* Checks the delivery in s->conn.msg and starts its handler; a refused request is answered
  * and acked at once: it would only come back. */
 static void handle_request(lua_State *L, struct rpc_server *s, int idx) {
@@ -600,6 +698,11 @@ static void handle_request(lua_State *L, struct rpc_server *s, int idx) {
     if (s->in_hand.tracked) acks_settled(&s->acks, s->in_hand.tag);
     else s->acks.untracked--;
     s->in_hand.ack_due = 0;
+    return;
+  }
+  if (count_redelivery(L, s, idx)) {  /* copied to the back of the queue, or poisoned */
+    s->reading = 0;
+    ack_request(s, &s->in_hand);
     return;
   }
   s->stats.requests++;
@@ -918,6 +1021,21 @@ static void copy_arguments(lua_State *L, struct rpc_server *s, int opts) {
   lua_pop(L, 1);
 }
 
+/* Declared a quorum queue (opts.arguments), whose redeliveries carry the broker's count. On
+ * 3.10 a quorum queue cannot be declared without saying so (406 inequivalent arg
+ * 'x-queue-type'); any other queue gets the count in copies (requeue_counted). */
+static int is_quorum(const amqp_table_t *args) {
+  static const char key[] = "x-queue-type", quorum[] = "quorum";
+  for (int i = 0; i < args->num_entries; i++) {
+    const amqp_table_entry_t *e = &args->entries[i];
+    if (e->key.len == sizeof key - 1 && memcmp(e->key.bytes, key, sizeof key - 1) == 0)
+      return (e->value.kind == AMQP_FIELD_KIND_UTF8 || e->value.kind == AMQP_FIELD_KIND_BYTES) &&
+             e->value.value.bytes.len == sizeof quorum - 1 &&
+             memcmp(e->value.value.bytes.bytes, quorum, sizeof quorum - 1) == 0;
+  }
+  return 0;
+}
+
 /* The checked list push_bindings made (at idx), into C. */
 static void copy_bindings(lua_State *L, struct rpc_server *s, int idx) {
   int n = (int)lua_rawlen(L, idx);
@@ -952,7 +1070,8 @@ static void check_arguments_table(lua_State *L, int opts) {
 
 static const char *const server_options[] = {
     "url", "urls", "heartbeat", "connect_timeout", "durable", "exclusive", "auto_delete",
-    "arguments", "prefetch", "log", "max_body", "tls", "reply_to_allow", "bind", "codec", NULL};
+    "arguments", "prefetch", "log", "max_body", "tls", "reply_to_allow", "bind", "codec",
+    "max_deliveries", NULL};
 
 /* Pushes the pattern at idx anchored at both ends, unless it already is: every pattern must
  * match the whole name, a lazy one too. */
@@ -1019,6 +1138,7 @@ static int server_new(lua_State *L) {
   int durable = opts_boolean(L, 3, "durable", 0);
   int exclusive = opts_boolean(L, 3, "exclusive", 0);
   int auto_delete = opts_boolean(L, 3, "auto_delete", 0);
+  lua_Integer max_deliveries = opts_integer(L, 3, "max_deliveries", MAX_DELIVERIES, 0, INT32_MAX);
   check_arguments_table(L, 3);
   if (opts_get(L, 3, "log") != LUA_TNIL)
     luaL_argcheck(L, lua_isfunction(L, -1), 3, "option 'log' must be a function");
@@ -1040,6 +1160,8 @@ static int server_new(lua_State *L) {
   int idx = lua_gettop(L);
   conn_init(L, &s->conn, 3, SERVER_MAX_BODY);
   copy_arguments(L, s, 3);
+  s->quorum = is_quorum(&s->args);
+  s->max_deliveries = max_deliveries;
   if (bind) copy_bindings(L, s, bind);
   memcpy(s->queue, queue, qlen + 1);
   s->prefetch = prefetch;
@@ -1226,6 +1348,7 @@ static int server_stats(lua_State *L) {
   rpc_set_count(L, "reconnects", s->stats.reconnects);
   rpc_set_count(L, "codec_errors", s->stats.codec_errors);
   rpc_set_count(L, "expired", s->stats.expired);
+  rpc_set_count(L, "poisoned", s->stats.poisoned);
   rpc_set_count(L, "in_progress", s->in_progress);
   lua_pushboolean(L, s->conn.amqp != NULL);
   lua_setfield(L, -2, "connected");

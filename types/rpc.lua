@@ -20,6 +20,7 @@
 ---| "stale"       # rpc.connect: ack/nack/reject of a tag from a connection lost since
 ---| "interrupted" # Ctrl-C (or a signal run() caught) while waiting
 ---| "codec"       # a body the codec could not encode or decode
+---| "poisoned"    # the request was delivered more than the server's max_deliveries times: rejected unhandled
 
 ---Header tables: string keys; string, integer, float or boolean values (nested tables may
 ---arrive from other publishers).
@@ -69,10 +70,11 @@
 ---@field auto_delete? boolean queue flag (false)
 ---@field arguments? table<string, string|integer|number|boolean> queue arguments, e.g. `{["x-queue-type"] = "quorum"}`
 ---@field prefetch? integer requests the broker may send ahead, and handlers run at once (1)
----@field log? fun(line: string) told of lost connections, reconnects and refused reply_to
+---@field log? fun(line: string) told of lost connections, reconnects, refused reply_to and poisoned requests
 ---@field reply_to_allow? string|string[] queue names or Lua patterns (anchored) the server may reply to
 ---@field bind? rpc.Binding|rpc.Binding[] bindings of the queue, redone on every reconnect
 ---@field codec? "json"|rpc.Codec the handler gets decoded values; its returns are encoded
+---@field max_deliveries? integer a request delivered more times is rejected unhandled, kind "poisoned" (3; 0: off)
 
 ---Per-request options of client:call and client:call_all.
 ---@class rpc.CallOptions
@@ -100,7 +102,7 @@
 ---@field reply_to? string
 ---@field content_type? string
 ---@field headers? rpc.Headers
----@field redelivered boolean true: the request was delivered before (maybe handled)
+---@field redelivered boolean true: the request was delivered before (maybe handled), also for the copy a classic queue's redelivery becomes
 ---@field routing_key string
 ---@field exchange string
 ---@field deadline? number when the caller gives up: seconds since the epoch (os.time's clock, with fractions)
@@ -140,6 +142,7 @@
 ---@field reconnects integer
 ---@field codec_errors integer requests opts.codec could not decode, answered with kind "codec" (not in errors)
 ---@field expired integer requests skipped unhandled: their deadline had passed (acked, no reply)
+---@field poisoned integer requests rejected unhandled after max_deliveries deliveries (kind "poisoned")
 ---@field in_progress integer handlers under way
 ---@field handler_time rpc.Latency run times of the handlers that ran (success or error): x-rpc-handler-time
 ---@field connected boolean
