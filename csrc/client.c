@@ -31,7 +31,7 @@ struct rpc_client {
   int confirm;           /* publisher confirms: a nack fails its call at once */
   int trace;             /* opts.trace: requests outside a traced one start a trace */
   uint64_t published;    /* publishes on this connection: the broker's delivery tags */
-  double expiration_of;  /* the timeout expiration was last written for */
+  long long expiration_of;  /* the milliseconds expiration was last written for */
   struct rpc_ids *ids;   /* where correlation ids come from */
   char expiration[24];   /* milliseconds, as text */
   struct rpc_pending pending;
@@ -569,6 +569,7 @@ struct request {  /* what each request of one call, send or call_all carries */
   int arg, headers;  /* the callopts argument; the stack index of its headers table, or 0 */
   int properties;    /* the reply's properties go with it */
   const struct rpc_context *ctx;  /* of the request whose handler makes it, or NULL */
+  double until;                   /* that request's deadline (rpc_now), or HUGE_VAL */
   double deadline_ms;             /* its deadline, wall clock, for the deadline header */
   char traceparent[56];           /* "": no trace context of ours */
 };
@@ -666,8 +667,10 @@ static int too_large(lua_State *L, const struct rpc_client *c, size_t len) {
  * failure. */
 static int within_deadline(lua_State *L, struct rpc_client *c, struct request *r) {
   r->ctx = loop_context(L);
-  if (!r->ctx || r->ctx->deadline <= 0) return 0;
-  double left = r->ctx->deadline - rpc_now();
+  r->until = HUGE_VAL;
+  if (!c->open || !r->ctx || r->ctx->deadline_wall <= 0) return 0;  /* closed: said next */
+  r->until = r->ctx->deadline;
+  double left = r->until - rpc_now();
   if (left < 0.001) {
     c->stats.calls++;
     c->stats.timeouts++;
@@ -721,9 +724,10 @@ static void stamp_headers(lua_State *L, struct rpc_client *c, struct request *r)
  * would recycle. */
 static void stamp_request(lua_State *L, struct rpc_client *c, struct request *r, const char *id_text) {
   stamp_headers(L, c, r);
-  if (r->timeout != c->expiration_of) {  /* printing a double costs more than the rest */
-    snprintf(c->expiration, sizeof c->expiration, "%lld", (long long)ceil(r->timeout * 1000));
-    c->expiration_of = r->timeout;
+  long long ms = (long long)ceil(r->timeout * 1000);
+  if (ms != c->expiration_of) {  /* printing costs more than the rest */
+    snprintf(c->expiration, sizeof c->expiration, "%lld", ms);
+    c->expiration_of = ms;
   }
   r->props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG | AMQP_BASIC_EXPIRATION_FLAG;
   r->props.correlation_id = (amqp_bytes_t){36, (void *)id_text};
@@ -743,7 +747,13 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
   if (c->pending.count >= c->sweep_at) forget_expired(L, c, idx);
   ids_next(c->ids, id);
   uuid_unparse_lower(id, id_text);
-  double deadline = rpc_now() + r->timeout;
+  double now = rpc_now(), deadline = fmin(now + r->timeout, r->until);
+  if (deadline - now < 0.001) {  /* a reconnect took the time its request had left */
+    c->stats.calls++;
+    c->stats.timeouts++;
+    return rpc_fail(L, "timeout", "the request being served is past its deadline: no time left to call");
+  }
+  r->timeout = deadline - now;  /* its wait's, its expiration's and its deadline header's */
   r->deadline_ms = ceil((rpc_wall_now() + r->timeout) * 1000);
   r->traceparent[0] = '\0';  /* one span for all attempts */
   c->stats.calls++;
@@ -954,7 +964,7 @@ static int client_call_all(lua_State *L) {
   if (failed) return failed;
   struct batch *b = lua_newuserdatauv(L, sizeof *b + 16 * (size_t)n, 0);
   b->n = n;
-  b->deadline = rpc_now() + r.timeout;
+  b->deadline = fmin(rpc_now() + r.timeout, r.until);
   char id_text[37];
   lua_Integer i;
   for (i = 0; i < n && !failed; i++) {

@@ -754,6 +754,7 @@ int conn_header_number(const amqp_basic_properties_t *p, const char *key, double
         if (n == 0 || n >= sizeof text) return 0;
         memcpy(text, v->value.bytes.bytes, n);
         text[n] = '\0';
+        if (strspn(text, "0123456789.") != n) return 0;  /* plain decimal: no sign, hex, inf */
         *out = strtod(text, &end);
         return *end == '\0';
       }

@@ -33,7 +33,10 @@ static int core_now(lua_State *L) {
  * (0 once past), or nil: not in a handler, or the request has no deadline. */
 static int core_remaining(lua_State *L) {
   const struct rpc_context *ctx = loop_context(L);
-  if (!ctx || ctx->deadline <= 0) return 0;
+  if (!ctx || ctx->deadline_wall <= 0) {
+    lua_pushnil(L);
+    return 1;
+  }
   double left = ctx->deadline - rpc_now();
   lua_pushnumber(L, left > 0 ? left : 0);
   return 1;

@@ -44,14 +44,20 @@ static int refill(struct rpc_ids *ids) {
   return 0;
 }
 
-void ids_next(struct rpc_ids *ids, unsigned char id[16]) {
+/* 16 random bytes; 0 when they came from libuuid (a v4 uuid: 122 of them random). */
+static int draw(struct rpc_ids *ids, unsigned char out[16]) {
   if (!ids || (ids->used == ids->filled && refill(ids))) {
-    uuid_generate_random(id);
-    return;
+    uuid_generate_random(out);
+    return 0;
   }
-  memcpy(id, ids->bytes + ids->used, 16);
+  memcpy(out, ids->bytes + ids->used, 16);
   memset(ids->bytes + ids->used, 0, 16);  /* used once: an id leaves no copy behind */
   ids->used += 16;
+  return 1;
+}
+
+void ids_next(struct rpc_ids *ids, unsigned char id[16]) {
+  if (!draw(ids, id)) return;
   id[6] = (unsigned char)((id[6] & 0x0F) | 0x40);  /* version 4 */
   id[8] = (unsigned char)((id[8] & 0x3F) | 0x80);  /* RFC 4122 variant */
 }
@@ -60,7 +66,7 @@ void ids_hex(struct rpc_ids *ids, char *out, size_t digits) {
   static const char hex[] = "0123456789abcdef";
   unsigned char id[16];
   for (size_t i = 0; i < digits; i++) {
-    if (i % 32 == 0) ids_next(ids, id);
+    if (i % 32 == 0) draw(ids, id);
     unsigned char byte = id[i % 32 / 2];
     out[i] = hex[i % 2 ? byte & 15 : byte >> 4];
   }

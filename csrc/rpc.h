@@ -47,8 +47,8 @@
 
 /* What a request being served passes on to the calls its handler makes. */
 struct rpc_context {
-  double deadline;              /* monotonic (rpc_now), or 0: none */
-  double deadline_wall;         /* seconds since the epoch, as the request said, or 0 */
+  double deadline_wall;         /* seconds since the epoch, as the request said, or 0: none */
+  double deadline;              /* the same on the monotonic clock (rpc_now): any sign */
   int traced;                   /* a valid traceparent came with it */
   char trace_id[33];            /* 32 lowercase hex digits */
   char span_id[17];             /* the server's span for this request (new), 16 hex digits */
@@ -129,8 +129,8 @@ void ids_hex(struct rpc_ids *ids, char *out, size_t digits);  /* random lowercas
 /* A traceparent header's value, checked as the W3C spec says: 1 and ctx's trace fields set
  * (with a new span id from ids), or 0 (ignored). */
 int trace_parse(struct rpc_context *ctx, const char *value, size_t len, struct rpc_ids *ids);
-/* The traceparent (55 characters and a NUL, into out) of a call made under ctx (a new span of
- * its trace) or, ctx NULL, of a new trace. */
+/* The traceparent (55 characters and a NUL, into out) of a call made under ctx (its parent
+ * id the server's span for that request, which its reply names) or, ctx NULL, of a new trace. */
 void trace_child(const struct rpc_context *ctx, struct rpc_ids *ids, char out[56]);
 
 /* ---- latency histograms (histogram.c): constant memory, +/-4.5 % ---- */

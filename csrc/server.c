@@ -175,7 +175,7 @@ static int publish_reply(struct rpc_server *s, struct request *r, const char *re
   r->reply_due = 0;
   if (!s->open || !s->conn.amqp) return -1;  /* the request goes back to the queue */
   amqp_basic_properties_t props;
-  amqp_table_entry_t own[4], *merged = NULL, *error = own;
+  amqp_table_entry_t own[4], few[16], *merged = NULL, *error = own;
   char traceparent[56];
   props._flags = 0;
   if (r->has_correlation_id) {
@@ -187,7 +187,7 @@ static int publish_reply(struct rpc_server *s, struct request *r, const char *re
     props._flags |= extra->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG;
     props.content_type = extra->content_type;
     int n = extra->_flags & AMQP_BASIC_HEADERS_FLAG ? extra->headers.num_entries : 0;
-    if (n && (merged = malloc(((size_t)n + 2) * sizeof *merged))) {
+    if (n && (merged = n + 2 <= 16 ? few : malloc(((size_t)n + 2) * sizeof *merged))) {
       memcpy(merged, extra->headers.entries, (size_t)n * sizeof *merged);
       props.headers = (amqp_table_t){n, merged};
     } else if (n) {
@@ -214,7 +214,7 @@ static int publish_reply(struct rpc_server *s, struct request *r, const char *re
   /* a reply may wait on a stalled peer as long as heartbeats would take to notice it */
   double bound = s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60;
   int st = conn_queue_publish(&s->conn, amqp_empty_bytes, reply_to, &props, body, bound);
-  free(merged);
+  if (merged != few) free(merged);
   if (st == -2 && !failed) {  /* handler headers over the broker's frame size: say so instead */
     static const char why[] = "rabbitrpc: the reply's properties do not fit the broker's frame size";
     s->stats.too_large++;
@@ -273,7 +273,8 @@ static int has_reply_to(const amqp_basic_properties_t *p) {
 static void read_context(struct rpc_server *s, const amqp_basic_properties_t *p, struct rpc_context *ctx) {
   double ms;
   ctx->deadline = ctx->deadline_wall = 0;
-  if (conn_header_number(p, RPC_DEADLINE_HEADER, &ms) && ms > 0 && ms < 1e15) {
+  /* milliseconds after 2001 and before the year 33658: seconds, or nonsense, are ignored */
+  if (conn_header_number(p, RPC_DEADLINE_HEADER, &ms) && ms >= 1e12 && ms < 1e15) {
     ctx->deadline_wall = ms / 1000;
     ctx->deadline = rpc_now() + (ctx->deadline_wall - rpc_wall_now());
   }
@@ -292,7 +293,7 @@ static void read_context(struct rpc_server *s, const amqp_basic_properties_t *p,
 /* Its caller has given up (its deadline passed while it waited in the queue or in our prefetch
  * window): the work would be for nobody. */
 static int expired(const struct request *r) {
-  return r->ctx.deadline > 0 && rpc_now() > r->ctx.deadline + RPC_CLOCK_SKEW;
+  return r->ctx.deadline_wall > 0 && rpc_now() > r->ctx.deadline + RPC_CLOCK_SKEW;
 }
 
 /* The delivery in s->conn.msg, as s->in_hand. */
@@ -456,8 +457,12 @@ static int reply_text(lua_State *L) {
  * when the handler did run (a body the codec refused never reached it). Runs no Lua code. */
 static void handler_ended(struct rpc_server *s, struct request *r) {
   if (r->started <= 0) return;
+  if (r->codec_failed) {  /* the handler never ran: no handler time, in the reply or the stats */
+    r->started = 0;
+    return;
+  }
   r->ran = rpc_now() - r->started;
-  if (!r->codec_failed) histogram_record(&s->handler_time, r->ran);
+  histogram_record(&s->handler_time, r->ran);
 }
 
 /* The end of a handler thread (request_main's continuation, or its return): the reply, the
@@ -583,7 +588,7 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   lua_pop(L, 1);
   lua_pushvalue(L, top + 3);
   lua_pushcclosure(L, request_abort, 1);
-  loop_own(L, top + 1, r->ctx.deadline > 0 || r->ctx.traced ? &r->ctx : NULL);
+  loop_own(L, top + 1, r->ctx.deadline_wall > 0 || r->ctx.traced ? &r->ctx : NULL);
   s->in_hand.reply_due = s->in_hand.ack_due = 0;  /* the thread's now */
   s->in_progress++;
   lua_xmove(L, T, nargs + 1);

@@ -29,8 +29,9 @@ int trace_parse(struct rpc_context *ctx, const char *v, size_t len, struct rpc_i
     return 0;
   memcpy(ctx->trace_id, v + 3, 32);
   ctx->trace_id[32] = '\0';
-  memcpy(ctx->flags, v + 53, 2);
-  ctx->flags[2] = '\0';
+  /* only the sampled bit passes on: vendors must zero the flags they do not know */
+  int sampled = (v[54] >= 'a' ? v[54] - 'a' + 10 : v[54] - '0') & 1;
+  memcpy(ctx->flags, sampled ? "01" : "00", 3);
   ids_hex(ids, ctx->span_id, 16);
   ctx->traced = 1;
   return 1;
@@ -38,9 +39,13 @@ int trace_parse(struct rpc_context *ctx, const char *v, size_t len, struct rpc_i
 
 void trace_child(const struct rpc_context *ctx, struct rpc_ids *ids, char out[56]) {
   char trace_id[33], span_id[17];
-  if (ctx && ctx->traced) memcpy(trace_id, ctx->trace_id, sizeof trace_id);
-  else ids_hex(ids, trace_id, 32);
-  ids_hex(ids, span_id, 16);
+  if (ctx && ctx->traced) {  /* the handler's calls are children of its span: the reply names it */
+    memcpy(trace_id, ctx->trace_id, sizeof trace_id);
+    memcpy(span_id, ctx->span_id, sizeof span_id);
+  } else {
+    ids_hex(ids, trace_id, 32);
+    ids_hex(ids, span_id, 16);
+  }
   memcpy(out, "00-", 3);
   memcpy(out + 3, trace_id, 32);
   out[35] = '-';

@@ -114,6 +114,7 @@ describe("deadlines", function()
     assert.is_true(seen.deadline > before + 6.5 and seen.deadline < before + 7.5, ("deadline %.3f"):format(seen.deadline))
     assert.is_true(math.type(seen.header) == "integer" and math.abs(seen.header / 1000 - seen.deadline) < 0.002)
     assert.is_true(seen.remaining > 6.5 and seen.remaining <= 7.01, ("remaining %.3f"):format(seen.remaining))
+    assert.equal(1, select("#", rpc.remaining()))
     assert.is_nil(rpc.remaining(), "rpc.remaining() outside a handler")
   end)
 
@@ -186,10 +187,12 @@ describe("deadlines", function()
     end
     H.amqp {{op = "declare", queue = replies},
             request("skewed", now_ms - 200), request("gone", now_ms - 1500),
-            request("text", tostring(now_ms + 60000)), request("junk", "soon"), request("negative", -5)}
-    H.wait_until(function() server:poll(0.05) return #ran + server:stats().expired >= 5 end, 5, "5 requests")
+            request("text", tostring(now_ms + 60000)), request("junk", "soon"), request("negative", -5),
+            request("seconds", now_ms // 1000 - 100), request("hex", "0x1ffffffffff"), request("epoch", 1000),
+            request("years-ago", now_ms - 100000000000)}  -- before this host booted
+    H.wait_until(function() server:poll(0.05) return #ran + server:stats().expired >= 9 end, 5, "9 requests")
     table.sort(ran)
-    assert.same({"junk", "negative", "skewed", "text"}, ran)
-    assert.equal(1, server:stats().expired)
+    assert.same({"epoch", "hex", "junk", "negative", "seconds", "skewed", "text"}, ran)
+    assert.equal(2, server:stats().expired)
   end)
 end)

@@ -48,7 +48,8 @@ describe("trace context", function()
     -- the handler sees them as they came
     assert.equal(traceparent, seen.front.traceparent)
     assert.equal("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7", seen.front.tracestate)
-    -- the nested request: same trace, another parent id, the same flags and tracestate
+    -- the nested request: same trace, another parent id (the front server's span, which its
+    -- reply names), the same flags and tracestate
     local inner_trace, inner_parent, inner_flags = parts(seen.back.traceparent)
     assert.equal(trace_id, inner_trace)
     assert.are_not.equal(parent_id, inner_parent)
@@ -63,9 +64,10 @@ describe("trace context", function()
     local reply_trace, reply_parent = parts(got.properties.headers.traceparent)
     assert.equal(trace_id, reply_trace)
     assert.are_not.equal(parent_id, reply_parent)
+    assert.equal(inner_parent, reply_parent, "the nested call's parent is the span the reply names")
   end)
 
-  it("gives each nested call a parent id of its own and keeps flags 00 (not sampled)", function()
+  it("makes a handler's calls children of the server's span, which its reply names; only the sampled flag passes on", function()
     local T = H.scope(finally)
     local q, back_q = H.queue("tr-many"), H.queue("tr-many-back")
     local parents = {}
@@ -76,15 +78,25 @@ describe("trace context", function()
       return "ok"
     end)
     local a = T:client(q)
-    assert.equal("ok", a:call("x", 5, {headers = {traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}}))
-    assert.equal(3, #parents)
-    local ids = {}
-    for _, tp in ipairs(parents) do
-      local trace_id, parent_id, flags = parts(tp)
-      assert.equal("0af7651916cd43dd8448eb211c80319c", trace_id)
-      assert.equal("00", flags)
-      assert.is_nil(ids[parent_id], "a parent id used twice")
-      ids[parent_id] = true
+    local spans = {}
+    for _, case in ipairs {{"00", "00"}, {"01", "01"}, {"ff", "01"}, {"fe", "00"}} do
+      parents = {}
+      local sent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-" .. case[1]
+      local reply, props = a:call("x", 5, {headers = {traceparent = sent}, properties = true})
+      assert.equal("ok", reply)
+      local reply_trace, span, reply_flags = parts(props.headers.traceparent)
+      assert.equal("0af7651916cd43dd8448eb211c80319c", reply_trace)
+      assert.are_not.equal("b7ad6b7169203331", span)
+      assert.equal(case[2], reply_flags, "flags " .. case[1])
+      assert.is_nil(spans[span], "a span id used for two requests")
+      spans[span] = true
+      assert.equal(3, #parents)
+      for _, tp in ipairs(parents) do
+        local trace_id, parent_id, flags = parts(tp)
+        assert.equal("0af7651916cd43dd8448eb211c80319c", trace_id)
+        assert.equal(span, parent_id, "a nested call's parent is the server's span")
+        assert.equal(case[2], flags, "flags " .. case[1])
+      end
     end
   end)
 
