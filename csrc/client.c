@@ -30,6 +30,7 @@ struct rpc_client {
   double timeout;
   int confirm;           /* publisher confirms: a nack fails its call at once */
   int trace;             /* opts.trace: requests outside a traced one start a trace */
+  int retries;           /* opts.retries: a call's default (safe retries, call only) */
   uint64_t published;    /* publishes on this connection: the broker's delivery tags */
   long long expiration_of;  /* the milliseconds expiration was last written for */
   struct rpc_ids *ids;   /* where correlation ids come from */
@@ -42,7 +43,12 @@ struct rpc_client {
   int open;
   int reading;          /* a message is in hand: a finalizer must not read past it */
   struct rpc_codec codec;  /* opts.codec */
-  struct { lua_Integer calls, replies, timeouts, remote_errors, no_route, discarded, codec_errors; } stats;
+  /* the id of the last call whose waiter took a retryable failure: tells a retrying call that
+   * its failure was one (ids are never reused: a stale one matches no later call) */
+  unsigned char retryable_id[16];
+  struct {
+    lua_Integer calls, replies, timeouts, remote_errors, no_route, discarded, codec_errors, retries;
+  } stats;
   struct rpc_histogram latency;  /* publish to reply, over replies that are not errors */
 };
 
@@ -91,7 +97,8 @@ static int client_connect(struct rpc_client *c, double limit) {
 
 static const char *const client_options[] = {"url",     "urls",     "heartbeat", "connect_timeout",
                                              "timeout", "reply_to", "confirm",   "max_body",
-                                             "tls",     "exchange", "codec",    "trace",     NULL};
+                                             "tls",     "exchange", "codec",    "trace",
+                                             "retries", NULL};
 
 static const struct rpc_watch_ops watch_ops;
 
@@ -109,6 +116,7 @@ static int client_new(lua_State *L) {
                 "option 'reply_to' must be 1 to 255 bytes, none of them NUL");
   int confirm = opts_boolean(L, 2, "confirm", 0);
   int trace = opts_boolean(L, 2, "trace", 0);
+  lua_Integer retries = opts_integer(L, 2, "retries", 0, 0, RPC_MAX_RETRIES);
   size_t elen;
   const char *exchange = opts_string(L, 2, "exchange", "", &elen);
   luaL_argcheck(L, elen < 256 && strlen(exchange) == elen, 2,
@@ -135,6 +143,7 @@ static int client_new(lua_State *L) {
   c->timeout = timeout;
   c->confirm = confirm;
   c->trace = trace;
+  c->retries = (int)retries;
   if (strcmp(reply_to, "direct") == 0) {
     c->mode = REPLY_DIRECT;
     strcpy(c->reply_to, RPC_DIRECT_REPLY_TO);
@@ -166,8 +175,8 @@ static int correlation_of(const amqp_basic_properties_t *p, unsigned char id[16]
  * message data and props point into: both are read first) or add calls: the call is looked
  * up again after. */
 static void keep(lua_State *L, struct rpc_client *c, int idx, const unsigned char id[16],
-                 enum call_state state, const char *kind, const char *data, size_t len,
-                 const amqp_basic_properties_t *props) {
+                 enum call_state state, const char *kind, int retryable, const char *data,
+                 size_t len, const amqp_basic_properties_t *props) {
   lua_getiuservalue(L, idx, UV_OUTCOMES);
   int outcomes = lua_gettop(L);
   if (props) rpc_codec_push_properties(L, props);
@@ -180,6 +189,7 @@ static void keep(lua_State *L, struct rpc_client *c, int idx, const unsigned cha
     call->props_ref = props_ref;
     call->state = state;
     call->kind = kind;
+    call->retryable = retryable;
     if (call->waiter) loop_wake(L, call->waiter);
   } else if (lua_istable(L, -1)) {
     luaL_unref(L, -1, ref);
@@ -195,11 +205,12 @@ static void fail_all(lua_State *L, struct rpc_client *c, int idx, const char *ki
     if (!call->used || call->state != CALL_WAITING) continue;
     unsigned char id[16];
     memcpy(id, call->id, 16);
-    keep(L, c, idx, id, CALL_FAILED, kind, message, strlen(message), NULL);
+    keep(L, c, idx, id, CALL_FAILED, kind, 0, message, strlen(message), NULL);  /* they went out */
   }
 }
 
-/* Publisher confirms: the broker refused the publishes up to (or at) the nacked tag. */
+/* Publisher confirms: the broker refused the publishes up to (or at) the nacked tag. Refused,
+ * they reached no queue, so no handler: a retry is safe. */
 static void fail_nacked(lua_State *L, struct rpc_client *c, int idx) {
   static const char message[] = "the broker refused the request (basic.nack: a full queue that "
                                 "rejects publishes, or an internal error)";
@@ -209,7 +220,7 @@ static void fail_nacked(lua_State *L, struct rpc_client *c, int idx) {
     if (call->seq == c->conn.nacked || (c->conn.nacked_multiple && call->seq < c->conn.nacked)) {
       unsigned char id[16];
       memcpy(id, call->id, 16);
-      keep(L, c, idx, id, CALL_FAILED, "broker", message, sizeof message - 1, NULL);
+      keep(L, c, idx, id, CALL_FAILED, "broker", 1, message, sizeof message - 1, NULL);
     }
   }
 }
@@ -243,6 +254,7 @@ static int take(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *ca
   enum call_state state = call->state;
   const char *kind = call->kind;
   int ref = call->ref, props_ref = call->props_ref;
+  if (call->retryable) memcpy(c->retryable_id, call->id, 16);
   pending_remove(&c->pending, call);
   if (state == CALL_FAILED) lua_pushnil(L);
   lua_getiuservalue(L, idx, UV_OUTCOMES);
@@ -297,6 +309,7 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
   size_t len = 0;
   const char *data, *kind = NULL;
   enum call_state state = CALL_FAILED;
+  int retryable = ev == EV_RETURN;  /* unroutable: no queue took it, so no handler saw it */
   if (ev == EV_RETURN) {
     const amqp_basic_return_t *r = &m->returned;
     snprintf(text, sizeof text,
@@ -328,6 +341,7 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
   }
   const amqp_basic_properties_t *props = state == CALL_REPLIED && call->want_props ? m->props : NULL;
   if (memcmp(id, target, 16) == 0) {
+    if (retryable) memcpy(c->retryable_id, id, 16);
     pending_remove(&c->pending, call);
     if (!props) return push_result(L, state, kind, data, len);
     rpc_codec_push_properties(L, props);  /* before the body, which is read before any finalizer */
@@ -335,7 +349,7 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
     lua_insert(L, -2);
     return 2;
   }
-  keep(L, c, idx, id, state, kind, data, len, props);
+  keep(L, c, idx, id, state, kind, retryable, data, len, props);
   return 0;
 }
 
@@ -572,10 +586,12 @@ struct request {  /* what each request of one call, send or call_all carries */
   double until;                   /* that request's deadline (rpc_now), or HUGE_VAL */
   double deadline_ms;             /* its deadline, wall clock, for the deadline header */
   char traceparent[56];           /* "": no trace context of ours */
+  int retries;                    /* call's: retries allowed (callopts.retries, else opts.retries) */
+  lua_Integer attempt;            /* what x-rpc-attempt says; 0: no such header */
 };
 
 static const char *const call_options[] = {"content_type", "headers", "persistent", "priority",
-                                           "exchange", "routing_key", "properties", NULL};
+                                           "exchange", "routing_key", "properties", "retries", NULL};
 static const char *const send_options[] = {"content_type", "headers", "persistent", "priority",
                                            "exchange", "routing_key", "timeout", "properties", NULL};
 
@@ -600,6 +616,7 @@ static void read_request(lua_State *L, struct rpc_client *c, int arg, const char
   r->exchange = amqp_cstring_bytes(c->exchange);
   r->routing_key = amqp_cstring_bytes(c->queue);
   r->properties = 0;
+  r->retries = c->retries;
   if (c->codec.content_type_len) {  /* what the codec makes, unless callopts say otherwise */
     p->_flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
     p->content_type = (amqp_bytes_t){c->codec.content_type_len, c->codec.content_type};
@@ -612,6 +629,7 @@ static void read_request(lua_State *L, struct rpc_client *c, int arg, const char
     p->content_type = content_type;
   }
   r->properties = opts_boolean(L, arg, "properties", 0);
+  if (keys == call_options) r->retries = (int)opts_integer(L, arg, "retries", c->retries, 0, RPC_MAX_RETRIES);
   if (opts_boolean(L, arg, "persistent", 0)) {
     p->_flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
     p->delivery_mode = 2;
@@ -680,31 +698,41 @@ static int within_deadline(lua_State *L, struct rpc_client *c, struct request *r
   return 0;
 }
 
+static int is_key(const amqp_table_entry_t *e, const char *key, size_t len) {
+  return e->key.len == len && memcmp(e->key.bytes, key, len) == 0;
+}
+
 static int has_key(const amqp_table_t *t, const char *key) {
   size_t len = strlen(key);
   for (int i = 0; i < t->num_entries; i++)
-    if (t->entries[i].key.len == len && memcmp(t->entries[i].key.bytes, key, len) == 0) return 1;
+    if (is_key(&t->entries[i], key, len)) return 1;
   return 0;
 }
 
-/* The headers a request carries: the caller's, its deadline, and the trace it continues (the
- * served request's, or a new one with opts.trace) unless the caller gave a traceparent. */
+/* The headers a request carries: the caller's, its deadline, its attempt (a call with retries),
+ * and the trace it continues (the served request's, or a new one with opts.trace) unless the
+ * caller gave a traceparent. */
 static void stamp_headers(lua_State *L, struct rpc_client *c, struct request *r) {
   amqp_table_t user = amqp_empty_table;
   recycle_amqp_pool(&c->pool);
   if (r->headers) table_from_lua(L, r->headers, r->arg, &c->pool, &user);
   int traced = !has_key(&user, "traceparent") && (c->trace || (r->ctx && r->ctx->traced));
   if (traced && !r->traceparent[0]) trace_child(r->ctx, c->ids, r->traceparent);
-  amqp_table_entry_t *e = amqp_pool_alloc(&c->pool, ((size_t)user.num_entries + 3) * sizeof *e);
+  amqp_table_entry_t *e = amqp_pool_alloc(&c->pool, ((size_t)user.num_entries + 4) * sizeof *e);
   if (!e) luaL_error(L, "not enough memory");
   int n = 0;
-  for (int i = 0; i < user.num_entries; i++)
-    if (!(user.entries[i].key.len == sizeof RPC_DEADLINE_HEADER - 1 &&
-          memcmp(user.entries[i].key.bytes, RPC_DEADLINE_HEADER, sizeof RPC_DEADLINE_HEADER - 1) == 0))
-      e[n++] = user.entries[i];  /* the deadline is ours to say */
+  for (int i = 0; i < user.num_entries; i++)  /* the deadline and the attempt are ours to say */
+    if (!is_key(&user.entries[i], RPC_DEADLINE_HEADER, sizeof RPC_DEADLINE_HEADER - 1) &&
+        !(r->attempt && is_key(&user.entries[i], RPC_ATTEMPT_HEADER, sizeof RPC_ATTEMPT_HEADER - 1)))
+      e[n++] = user.entries[i];
   e[n].key = amqp_cstring_bytes(RPC_DEADLINE_HEADER);
   e[n].value.kind = AMQP_FIELD_KIND_I64;
   e[n++].value.value.i64 = (int64_t)r->deadline_ms;
+  if (r->attempt) {
+    e[n].key = amqp_cstring_bytes(RPC_ATTEMPT_HEADER);
+    e[n].value.kind = AMQP_FIELD_KIND_I64;
+    e[n++].value.value.i64 = (int64_t)r->attempt;
+  }
   if (traced) {
     e[n].key = amqp_cstring_bytes("traceparent");
     e[n].value.kind = AMQP_FIELD_KIND_UTF8;
@@ -735,29 +763,19 @@ static void stamp_request(lua_State *L, struct rpc_client *c, struct request *r,
   r->props.expiration = amqp_cstring_bytes(c->expiration);
 }
 
-/* Publishes one request under a fresh id (its text in id_text); waited: a wait on it is
- * under way from the start (call, call_all), so neither a sweep nor a second wait may take
- * it. Returns 0, or pushes the failure and returns 3. A publish that fails never went out
- * whole, so no broker routed it: the calls the lost connection carried fail, and this one is
- * tried once more on a fresh connection (the next broker of urls) within its timeout. */
-static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *r,
-                   const char *body, size_t len, unsigned char id[16], char id_text[37], int waited) {
-  if (len > c->conn.max_body) return too_large(L, c, len);
-  if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
+/* Publishes one request under a fresh id (its text in id_text), pending until deadline, its
+ * call's end; r's deadline_ms, traceparent and attempt are set. waited: a wait on it is under
+ * way from the start (call, call_all), so neither a sweep nor a second wait may take it.
+ * Returns 0, or pushes the failure and returns 3. A publish that fails never went out whole,
+ * so no broker routed it: the calls the lost connection carried fail, and this one is tried
+ * once more on a fresh connection (the next broker of urls) within its timeout. */
+static int publish_once(lua_State *L, struct rpc_client *c, int idx, struct request *r,
+                        const char *body, size_t len, unsigned char id[16], char id_text[37],
+                        int waited, double deadline) {
   if (c->pending.count >= c->sweep_at) forget_expired(L, c, idx);
   ids_next(c->ids, id);
   uuid_unparse_lower(id, id_text);
-  double now = rpc_now(), deadline = fmin(now + r->timeout, r->until);
-  if (deadline - now < 0.001) {  /* a reconnect took the time its request had left */
-    c->stats.calls++;
-    c->stats.timeouts++;
-    return rpc_fail(L, "timeout", "the request being served is past its deadline: no time left to call");
-  }
-  r->timeout = deadline - now;  /* its wait's, its expiration's and its deadline header's */
-  r->deadline_ms = ceil((rpc_wall_now() + r->timeout) * 1000);
-  r->traceparent[0] = '\0';  /* one span for all attempts */
-  c->stats.calls++;
-  for (int attempt = 1;; attempt++) {
+  for (int tries = 1;; tries++) {
     /* lost meanwhile (a finalizer's call, a failed attempt): reconnect first */
     if (!c->conn.amqp && client_connect(c, deadline - rpc_now()))
       return rpc_fail(L, c->conn.error_kind, c->conn.error);
@@ -777,8 +795,221 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
     pending_remove(&c->pending, call);
     fail_all(L, c, idx, c->conn.error_kind, c->conn.error);
     if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
-    if (attempt > 1 || rpc_now() >= deadline) return rpc_fail(L, c->conn.error_kind, c->conn.error);
-  }  /* the next attempt reconnects, unless a finalizer run by fail_all already did */
+    if (tries > 1 || rpc_now() >= deadline) return rpc_fail(L, c->conn.error_kind, c->conn.error);
+  }  /* the next try reconnects, unless a finalizer run by fail_all already did */
+}
+
+/* A new request (call, send, call_all) published: publish_once, its deadline r's timeout from
+ * now (at most the served request's), with no x-rpc-attempt header. */
+static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *r,
+                   const char *body, size_t len, unsigned char id[16], char id_text[37], int waited) {
+  if (len > c->conn.max_body) return too_large(L, c, len);
+  if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
+  double now = rpc_now(), deadline = fmin(now + r->timeout, r->until);
+  if (deadline - now < 0.001) {  /* a reconnect took the time its request had left */
+    c->stats.calls++;
+    c->stats.timeouts++;
+    return rpc_fail(L, "timeout", "the request being served is past its deadline: no time left to call");
+  }
+  r->timeout = deadline - now;  /* its wait's, its expiration's and its deadline header's */
+  r->deadline_ms = ceil((rpc_wall_now() + r->timeout) * 1000);
+  r->traceparent[0] = '\0';  /* one span for all tries */
+  r->attempt = 0;
+  c->stats.calls++;
+  return publish_once(L, c, idx, r, body, len, id, id_text, waited, deadline);
+}
+
+/* ---- safe retries (opts.retries, callopts.retries): call only ----
+ * A call is sent again only when its request provably reached no handler: returned unroutable
+ * (no_route), refused by the broker (a basic.nack, with confirms), never published because the
+ * broker blocks publishing, or its connection lost before the publish was whole (after
+ * publish_once's own second try). A timeout, a handler's error, a connection lost once the
+ * request was out: the work may have run, and is never repeated. Every attempt is a new request
+ * (a new correlation id: a late reply for an earlier one is discarded) with x-rpc-attempt and
+ * the call's one deadline; retries wait a backoff, all within that deadline. Between attempts
+ * everything lives on the stack, as a handler thread suspends there. */
+
+#define RETRY_BASE 0.05  /* seconds before the first retry (at most: jitter), doubled for each */
+#define RETRY_CAP 1.0    /* the longest backoff */
+#define RETRY_STATE 5    /* stack: 1 client, 2 body, 3 timeout, 4 callopts, 5 struct retry, */
+#define RETRY_ID 6       /* 6 the pending attempt's id (16 bytes), while it is waited for */
+
+enum retry_phase { RETRY_PUBLISH, RETRY_WAIT, RETRY_SLEEP };
+enum retry_how { RETRY_INLINE, RETRY_SUSPEND, RETRY_OUTSIDE };  /* how it waits: see wait_for */
+
+struct retry {
+  enum retry_phase phase;
+  int counted;             /* in stats.calls (once a publish is tried, as a call without retries) */
+  lua_Integer attempt;     /* 1 for the first */
+  lua_Integer left;        /* retries left */
+  double deadline;         /* monotonic: the call's end, fixed when it starts */
+  double deadline_ms;      /* the same on the wall clock, which every attempt's header says */
+  double timeout;          /* the call's, for the timeout message */
+  double due;              /* RETRY_SLEEP: when the next attempt starts */
+  char traceparent[56];    /* one span for all attempts */
+};
+
+/* The backoff before retry number `attempt`: RETRY_BASE doubled for each earlier retry, at most
+ * RETRY_CAP, and jittered to between half and all of that, so that callers failed by the same
+ * event do not all come back at once. */
+static double backoff(struct rpc_client *c, lua_Integer attempt) {
+  unsigned char random[16];
+  ids_next(c->ids, random);
+  uint32_t bits;
+  memcpy(&bits, random, sizeof bits);
+  double delay = attempt > 6 ? RETRY_CAP : fmin(RETRY_CAP, RETRY_BASE * (double)(1 << (attempt - 1)));
+  return delay * (0.5 + 0.5 * (bits / 4294967296.0));
+}
+
+/* The failure n results on top (nil, message, kind), of an attempt that provably reached no
+ * handler (retryable): 1, the failure popped, when another attempt is to follow after a backoff;
+ * 0 when the call ends with it. A retry whose backoff would leave the attempt less than
+ * RETRY_BASE before the deadline is not made: it would likely only turn the failure into a
+ * timeout. */
+static int retry_after(lua_State *L, struct rpc_client *c, struct retry *t, int n, int retryable) {
+  if (n != 3 || !retryable || t->left <= 0 || !c->open) return 0;
+  double now = rpc_now(), delay = backoff(c, t->attempt);
+  if (now + delay + RETRY_BASE > t->deadline) return 0;
+  t->left--;
+  t->due = now + delay;
+  t->phase = RETRY_SLEEP;
+  lua_settop(L, RETRY_STATE);
+  return 1;
+}
+
+/* A failure before the publish (kind on top) that a later attempt may not meet: a broker that
+ * blocks publishing, a connection lost or refused. Not auth, tls, broker: they stay. */
+static int retryable_kind(lua_State *L) {
+  const char *kind = lua_tostring(L, -1);
+  return kind && (strcmp(kind, "blocked") == 0 || strcmp(kind, "connection") == 0);
+}
+
+/* Publishes attempt t->attempt: 0, with its id at RETRY_ID (pending, waited for until the
+ * deadline), or its failure pushed (3), *retryable set when it is one that reached no handler.
+ * callopts are read again for each attempt: their strings must stay alive until the publish. */
+static int retry_publish(lua_State *L, struct rpc_client *c, struct retry *t, int *retryable) {
+  struct request r;
+  lua_settop(L, RETRY_STATE);
+  r.timeout = fmax(t->deadline - rpc_now(), 0.001);
+  read_request(L, c, 4, call_options, &r);
+  r.ctx = loop_context(L);  /* the served request's, if any: its trace (its deadline is in t's) */
+  size_t len;
+  const char *body = lua_tolstring(L, 2, &len);
+  if (len > c->conn.max_body) return too_large(L, c, len);
+  int n = ready_to_publish(L, c, 1, r.timeout);
+  if (n) {
+    *retryable = retryable_kind(L);
+    return n;
+  }
+  if (!t->counted) c->stats.calls++;
+  t->counted = 1;
+  r.timeout = t->deadline - rpc_now();  /* a reconnect may have taken some */
+  if (r.timeout < 0.001) {
+    c->stats.timeouts++;
+    return rpc_fail(L, "timeout", "the call's deadline passed while reconnecting: no time left to publish");
+  }
+  r.deadline_ms = t->deadline_ms;
+  r.attempt = t->attempt;
+  memcpy(r.traceparent, t->traceparent, sizeof r.traceparent);
+  unsigned char id[16];
+  char id_text[37];
+  n = publish_once(L, c, 1, &r, body, len, id, id_text, 1, t->deadline);
+  if (n) {
+    *retryable = retryable_kind(L);
+    return n;
+  }
+  memcpy(t->traceparent, r.traceparent, sizeof t->traceparent);
+  struct rpc_call *call = pending_find(&c->pending, id);  /* no Lua code ran since: it is there */
+  if (call) {
+    call->timeout = t->timeout;
+    call->wait_deadline = t->deadline;
+  }
+  lua_settop(L, RETRY_STATE);
+  lua_pushlstring(L, (const char *)id, 16);  /* may run a finalizer: nothing is held across it */
+  return 0;
+}
+
+static int retry_k(lua_State *L, int status, lua_KContext ctx);
+
+/* Runs a retrying call from its phase to its end: publishes, waits, backs off, again. In a
+ * handler thread (RETRY_SUSPEND) or an outside scheduler's coroutine (RETRY_OUTSIDE), a wait or
+ * a backoff yields and retry_k comes back here; elsewhere both turn the loop, so the state's
+ * servers are served meanwhile. */
+static int retry_run(lua_State *L, enum retry_how how) {
+  struct rpc_client *c = lua_touserdata(L, 1);
+  struct retry *t = lua_touserdata(L, RETRY_STATE);
+  lua_Hook hook = lua_gethook(L);  /* RETRY_INLINE never yields: these hold for its whole run */
+  unsigned long interrupts = c->open ? loop_interrupts(c->loop) : 0;
+  for (;;) {
+    int n, retryable = 0;
+    if (t->phase == RETRY_PUBLISH) {
+      n = retry_publish(L, c, t, &retryable);
+      if (!n) {
+        t->phase = RETRY_WAIT;
+        continue;
+      }
+    } else if (t->phase == RETRY_WAIT) {
+      unsigned char id[16];
+      memcpy(id, lua_tostring(L, RETRY_ID), 16);
+      if (how == RETRY_INLINE) {
+        n = wait_for(L, c, 1, id, t->deadline, 0);
+      } else if (!(n = look(L, c, 1, id))) {
+        if (how == RETRY_SUSPEND) return loop_suspend(L, t->deadline, how, retry_k);
+        return loop_yield_outside(L, 1, t->deadline - rpc_now(), how, retry_k);
+      }
+      retryable = memcmp(c->retryable_id, id, 16) == 0;  /* its failure was taken as one */
+    } else {
+      if (!c->open) return rpc_fail(L, "closed", "client closed while waiting to retry");
+      if (rpc_now() < t->due) {
+        if (how == RETRY_SUSPEND) return loop_suspend(L, t->due, how, retry_k);
+        if (how == RETRY_OUTSIDE) return loop_yield_outside(L, 0, t->due - rpc_now(), how, retry_k);
+        if (lua_gethook(L) != hook || loop_interrupts(c->loop) != interrupts)
+          return rpc_fail(L, "interrupted", "interrupted while waiting to retry");
+        loop_wait(L, c->loop, NULL, t->due);
+        continue;
+      }
+      t->phase = RETRY_PUBLISH;
+      t->attempt++;
+      c->stats.retries++;
+      continue;
+    }
+    if (!retry_after(L, c, t, n, retryable)) return n;
+  }
+}
+
+/* Where a retrying call's wait or backoff resumes (ctx: its retry_how). */
+static int retry_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  struct retry *t = lua_touserdata(L, RETRY_STATE);
+  int top = t->phase == RETRY_WAIT ? RETRY_ID : RETRY_STATE;
+  lua_settop(L, top);  /* a script resuming the thread may have pushed more */
+  if (ctx == RETRY_SUSPEND) {
+    loop_unsuspend(L);
+  } else {
+    struct rpc_client *c = lua_touserdata(L, 1);
+    if (c->open) loop_step(L, c->loop);  /* the state's ready work, as wait_outside_k does */
+    lua_settop(L, top);
+  }
+  return retry_run(L, (enum retry_how)ctx);
+}
+
+/* client:call with retries > 0 (r read from callopts at 4, the body at 2). */
+static int call_retrying(lua_State *L, struct rpc_client *c, struct request *r) {
+  int n = within_deadline(L, c, r);  /* the deadline is the served request's too, if sooner */
+  if (n) return n;
+  lua_settop(L, 4);  /* the headers read_request left: each attempt reads its own */
+  struct retry *t = lua_newuserdatauv(L, sizeof *t, 0);
+  memset(t, 0, sizeof *t);
+  t->phase = RETRY_PUBLISH;
+  t->attempt = 1;
+  t->left = r->retries;
+  double now = rpc_now();
+  t->deadline = fmin(now + r->timeout, r->until);
+  t->timeout = t->deadline - now;
+  t->deadline_ms = ceil((rpc_wall_now() + t->timeout) * 1000);
+  if (loop_can_suspend(L)) return retry_run(L, RETRY_SUSPEND);
+  if (loop_can_yield_outside(L)) return retry_run(L, RETRY_OUTSIDE);
+  return retry_run(L, RETRY_INLINE);
 }
 
 /* The body at arg: a string (a number becomes its decimal text); with a codec, any value,
@@ -801,6 +1032,7 @@ static int client_call(lua_State *L) {
   struct request r;
   r.timeout = opts_check_timeout(L, 3, c->timeout);
   read_request(L, c, 4, call_options, &r);
+  if (r.retries) return call_retrying(L, c, &r);
   unsigned char id[16];
   char id_text[37];
   int n = within_deadline(L, c, &r);
@@ -816,6 +1048,9 @@ static int client_send(lua_State *L) {
   const char *body = check_body(L, c, 2, &len);
   struct request r;
   r.timeout = c->timeout;
+  if (opts_get(L, 3, "retries") != LUA_TNIL)  /* its wait may come too late to retry anything */
+    luaL_argerror(L, 3, "option 'retries' is for call only");
+  lua_pop(L, 1);
   read_request(L, c, 3, send_options, &r);
   unsigned char id[16];
   char id_text[37];
@@ -947,6 +1182,9 @@ static int client_call_all(lua_State *L) {
   if (opts_get(L, 4, "properties") != LUA_TNIL)
     luaL_argerror(L, 4, "option 'properties' is not for call_all (use send with properties = true, then wait)");
   lua_pop(L, 1);
+  if (opts_get(L, 4, "retries") != LUA_TNIL)  /* all or nothing: one retried request would hold the rest */
+    luaL_argerror(L, 4, "option 'retries' is for call only");
+  lua_pop(L, 1);
   read_request(L, c, 4, call_options, &r);
   for (lua_Integer i = 1; i <= n; i++) {  /* all or nothing: none is sent if one is too large */
     lua_rawgeti(L, 2, i);
@@ -1022,7 +1260,7 @@ static int client_close(lua_State *L) {
 
 static int client_stats(lua_State *L) {
   struct rpc_client *c = check_client(L);
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 9);
   rpc_set_count(L, "calls", c->stats.calls);
   rpc_set_count(L, "replies", c->stats.replies);
   rpc_set_count(L, "timeouts", c->stats.timeouts);
@@ -1030,6 +1268,7 @@ static int client_stats(lua_State *L) {
   rpc_set_count(L, "no_route", c->stats.no_route);
   rpc_set_count(L, "discarded", c->stats.discarded);
   rpc_set_count(L, "codec_errors", c->stats.codec_errors);
+  rpc_set_count(L, "retries", c->stats.retries);
   histogram_push(L, &c->latency);
   lua_setfield(L, -2, "latency");
   return 1;

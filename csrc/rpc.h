@@ -42,6 +42,8 @@
 #define RPC_MAX_BODY_LIMIT 536870912  /* RabbitMQ refuses messages over 512 MiB whatever its config */
 #define RPC_DEADLINE_HEADER "x-rpc-deadline"          /* a request's deadline: ms since the epoch */
 #define RPC_HANDLER_TIME_HEADER "x-rpc-handler-time"  /* a reply's: seconds its handler ran */
+#define RPC_ATTEMPT_HEADER "x-rpc-attempt"  /* a request's attempt, 1 first: calls with retries only */
+#define RPC_MAX_RETRIES 100     /* opts.retries, callopts.retries */
 #define RPC_CLOCK_SKEW 0.5      /* seconds a deadline may seem past before a request is skipped */
 #define RPC_TRACESTATE_MAX 512  /* longer tracestate headers are not passed on */
 
@@ -246,6 +248,8 @@ struct rpc_call {
   int used;
   enum call_state state;
   const char *kind;             /* CALL_FAILED only */
+  int retryable;                /* CALL_FAILED before any handler could see the request (a
+                                 * basic.return, a basic.nack): a retry is safe */
   int ref;                      /* the reply or failure text, kept for its waiter (LUA_NOREF) */
   int want_props;               /* properties = true: the reply's properties go with it */
   int props_ref;                /* and are kept there (LUA_NOREF) */

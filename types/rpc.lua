@@ -56,6 +56,7 @@
 ---@field exchange? string publish requests through this exchange, with the queue as routing key
 ---@field codec? "json"|rpc.Codec bodies are Lua values, encoded and decoded by it
 ---@field trace? boolean requests made outside a traced handler start a W3C trace (a traceparent header)
+---@field retries? integer 0-100, default 0: client:call sends a request again, within its timeout, when it provably reached no handler (no_route, a basic.nack, blocked, a connection lost before the publish); never after a timeout or a handler's error. call only (README "Safe retries")
 
 ---A binding of the server's queue (opts.bind).
 ---@class rpc.Binding
@@ -76,8 +77,8 @@
 ---@field codec? "json"|rpc.Codec the handler gets decoded values; its returns are encoded
 ---@field max_deliveries? integer a request delivered more times is rejected unhandled, kind "poisoned" (3; 0: off)
 
----Per-request options of client:call and client:call_all.
----@class rpc.CallOptions
+---What every request takes: the options common to client:call, client:call_all and client:send.
+---@class rpc.RequestOptions
 ---@field content_type? string
 ---@field headers? rpc.Headers
 ---@field persistent? boolean
@@ -86,8 +87,12 @@
 ---@field routing_key? string default: the client's queue
 ---@field properties? boolean true: call and wait return `reply, props` (rpc.ReplyProperties)
 
----client:send's options: rpc.CallOptions and its timeout.
----@class rpc.SendOptions: rpc.CallOptions
+---Per-request options of client:call and client:call_all.
+---@class rpc.CallOptions: rpc.RequestOptions
+---@field retries? integer 0-100, call only (a bad argument for call_all): this call's retries, instead of the client's `retries`
+
+---client:send's options: rpc.RequestOptions and its timeout.
+---@class rpc.SendOptions: rpc.RequestOptions
 ---@field timeout? number the request's expiration and the default deadline of its wait, seconds
 
 ---The properties of a reply: returned by call and wait with `callopts.properties = true`, and
@@ -130,6 +135,7 @@
 ---@field no_route integer
 ---@field discarded integer late, duplicate or foreign replies thrown away
 ---@field codec_errors integer replies opts.codec could not decode (the call got kind "codec")
+---@field retries integer attempts client:call made after a first one (opts.retries, callopts.retries)
 ---@field latency rpc.Latency publish to arrival of every reply that is not an error (send's too)
 
 ---@class rpc.ServerStats
