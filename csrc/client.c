@@ -209,8 +209,10 @@ static void fail_all(lua_State *L, struct rpc_client *c, int idx, const char *ki
   }
 }
 
-/* Publisher confirms: the broker refused the publishes up to (or at) the nacked tag. Refused,
- * they reached no queue, so no handler: a retry is safe. */
+/* Publisher confirms: the broker refused the publishes up to (or at) the nacked tag. A nack
+ * says one of the queues a request was routed to refused it, not that all did: a retry is safe
+ * only for a request that could reach one queue (the default exchange routes to the queue its
+ * routing key names, or to none). */
 static void fail_nacked(lua_State *L, struct rpc_client *c, int idx) {
   static const char message[] = "the broker refused the request (basic.nack: a full queue that "
                                 "rejects publishes, or an internal error)";
@@ -220,7 +222,7 @@ static void fail_nacked(lua_State *L, struct rpc_client *c, int idx) {
     if (call->seq == c->conn.nacked || (c->conn.nacked_multiple && call->seq < c->conn.nacked)) {
       unsigned char id[16];
       memcpy(id, call->id, 16);
-      keep(L, c, idx, id, CALL_FAILED, "broker", 1, message, sizeof message - 1, NULL);
+      keep(L, c, idx, id, CALL_FAILED, "broker", call->one_queue, message, sizeof message - 1, NULL);
     }
   }
 }
@@ -788,6 +790,7 @@ static int publish_once(lua_State *L, struct rpc_client *c, int idx, struct requ
     call->seq = c->confirm ? ++c->published : 0;
     call->want_props = r->properties;
     call->published = rpc_now();
+    call->one_queue = r->exchange.len == 0;
     /* mandatory: an unroutable request comes back as basic.return and fails the call at once */
     if (!conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props,
                       (amqp_bytes_t){len, (void *)body}, r->timeout))
@@ -913,19 +916,23 @@ static int retry_publish(lua_State *L, struct rpc_client *c, struct retry *t, in
   memcpy(r.traceparent, t->traceparent, sizeof r.traceparent);
   unsigned char id[16];
   char id_text[37];
+  /* its place first: an allocation after the publish could raise and leave a waited call
+   * pending that nobody takes (a sweep leaves waited calls alone) */
+  unsigned char *slot = lua_newuserdatauv(L, 16, 0);
+  body = lua_tolstring(L, 2, &len);  /* the allocation may run a finalizer: look again */
   n = publish_once(L, c, 1, &r, body, len, id, id_text, 1, t->deadline);
+  memcpy(t->traceparent, r.traceparent, sizeof t->traceparent);  /* one span for all attempts */
   if (n) {
     *retryable = retryable_kind(L);
     return n;
   }
-  memcpy(t->traceparent, r.traceparent, sizeof t->traceparent);
   struct rpc_call *call = pending_find(&c->pending, id);  /* no Lua code ran since: it is there */
   if (call) {
     call->timeout = t->timeout;
     call->wait_deadline = t->deadline;
   }
-  lua_settop(L, RETRY_STATE);
-  lua_pushlstring(L, (const char *)id, 16);  /* may run a finalizer: nothing is held across it */
+  memcpy(slot, id, 16);
+  lua_settop(L, RETRY_ID);
   return 0;
 }
 
@@ -936,12 +943,22 @@ static int retry_k(lua_State *L, int status, lua_KContext ctx);
  * a backoff yields and retry_k comes back here; elsewhere both turn the loop, so the state's
  * servers are served meanwhile. */
 static int retry_run(lua_State *L, enum retry_how how) {
+  static const unsigned char nobody[16];
   struct rpc_client *c = lua_touserdata(L, 1);
   struct retry *t = lua_touserdata(L, RETRY_STATE);
   lua_Hook hook = lua_gethook(L);  /* RETRY_INLINE never yields: these hold for its whole run */
   unsigned long interrupts = c->open ? loop_interrupts(c->loop) : 0;
   for (;;) {
     int n, retryable = 0;
+    /* no attempt pending here: a Ctrl-C (or run()'s signal) seen meanwhile ends the call */
+    if (how == RETRY_INLINE && t->phase != RETRY_WAIT &&
+        (lua_gethook(L) != hook || loop_interrupts(c->loop) != interrupts || loop_signalled()))
+      return rpc_fail(L, "interrupted", "interrupted while waiting to retry");
+    if (t->phase == RETRY_PUBLISH && c->reading && how != RETRY_INLINE) {
+      /* resumed by a loop a finalizer turns while this client reads a reply: not now */
+      if (how == RETRY_SUSPEND) return loop_suspend(L, rpc_now(), how, retry_k);
+      return loop_yield_outside(L, 0, 0, how, retry_k);
+    }
     if (t->phase == RETRY_PUBLISH) {
       n = retry_publish(L, c, t, &retryable);
       if (!n) {
@@ -950,7 +967,7 @@ static int retry_run(lua_State *L, enum retry_how how) {
       }
     } else if (t->phase == RETRY_WAIT) {
       unsigned char id[16];
-      memcpy(id, lua_tostring(L, RETRY_ID), 16);
+      memcpy(id, lua_touserdata(L, RETRY_ID), 16);
       if (how == RETRY_INLINE) {
         n = wait_for(L, c, 1, id, t->deadline, 0);
       } else if (!(n = look(L, c, 1, id))) {
@@ -963,10 +980,19 @@ static int retry_run(lua_State *L, enum retry_how how) {
       if (rpc_now() < t->due) {
         if (how == RETRY_SUSPEND) return loop_suspend(L, t->due, how, retry_k);
         if (how == RETRY_OUTSIDE) return loop_yield_outside(L, 0, t->due - rpc_now(), how, retry_k);
-        if (lua_gethook(L) != hook || loop_interrupts(c->loop) != interrupts)
+        /* its own connection read too (heartbeats, replies for others), and the other watches'
+         * reconnects bounded by the call's deadline, as wait_for does */
+        if (loop_wait(L, c->loop, &c->conn, t->due) && c->open && conn_should_read(&c->conn) &&
+            read_replies(L, c, 1, nobody) < 0) {
+          if (!loop_took_interrupt(L, c->loop)) return lua_error(L);
           return rpc_fail(L, "interrupted", "interrupted while waiting to retry");
-        loop_wait(L, c->loop, NULL, t->due);
+        }
+        lua_settop(L, RETRY_STATE);
         continue;
+      }
+      if (t->deadline - rpc_now() < 0.001) {  /* the backoff overran: no time for another */
+        c->stats.timeouts++;
+        return rpc_fail(L, "timeout", "the call's deadline passed during the backoff before a retry");
       }
       t->phase = RETRY_PUBLISH;
       t->attempt++;

@@ -688,29 +688,27 @@ int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing
   return conn_flush(c, bound, rpc_now() + (bound < 1 ? 1 : bound) + 1);
 }
 
-int conn_queue_ack(struct rpc_conn *c, uint64_t delivery_tag, int multiple) {
+/* An ack (reject: a reject) of tag, queued behind the replies before it (sent at once under
+ * TLS, still in order). */
+static int queue_settle(struct rpc_conn *c, uint64_t tag, int flag, int reject) {
   int st;
   if (uses_tls(c)) {
-    st = amqp_basic_ack(c->amqp, RPC_CHANNEL, delivery_tag, multiple);
+    st = reject ? amqp_basic_reject(c->amqp, RPC_CHANNEL, tag, flag) : amqp_basic_ack(c->amqp, RPC_CHANNEL, tag, flag);
   } else {
     if (!c->out.len) c->out.since = rpc_now();
-    st = frames_ack(&c->out, delivery_tag, multiple);
+    st = reject ? frames_reject(&c->out, tag, flag) : frames_ack(&c->out, tag, flag);
   }
   if (st == AMQP_STATUS_OK) return 0;
-  return conn_lost(c, "connection", "acknowledging on %s failed: %s", c->where, amqp_error_string2(st));
+  return conn_lost(c, "connection", "%s on %s failed: %s", reject ? "rejecting" : "acknowledging",
+                   c->where, amqp_error_string2(st));
 }
 
-/* A reject in the same queue as replies and acks: it follows the reply queued before it. */
+int conn_queue_ack(struct rpc_conn *c, uint64_t delivery_tag, int multiple) {
+  return queue_settle(c, delivery_tag, multiple, 0);
+}
+
 int conn_queue_reject(struct rpc_conn *c, uint64_t delivery_tag, int requeue) {
-  int st;
-  if (uses_tls(c)) {
-    st = amqp_basic_reject(c->amqp, RPC_CHANNEL, delivery_tag, requeue);
-  } else {
-    if (!c->out.len) c->out.since = rpc_now();
-    st = frames_reject(&c->out, delivery_tag, requeue);
-  }
-  if (st == AMQP_STATUS_OK) return 0;
-  return conn_lost(c, "connection", "rejecting on %s failed: %s", c->where, amqp_error_string2(st));
+  return queue_settle(c, delivery_tag, requeue, 1);
 }
 
 /* The text value of header key, or NULL. */

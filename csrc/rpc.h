@@ -249,7 +249,9 @@ struct rpc_call {
   enum call_state state;
   const char *kind;             /* CALL_FAILED only */
   int retryable;                /* CALL_FAILED before any handler could see the request (a
-                                 * basic.return, a basic.nack): a retry is safe */
+                                 * basic.return; a basic.nack of a one_queue request): a retry
+                                 * is safe */
+  int one_queue;                /* published to the default exchange: routed to one queue at most */
   int ref;                      /* the reply or failure text, kept for its waiter (LUA_NOREF) */
   int want_props;               /* properties = true: the reply's properties go with it */
   int props_ref;                /* and are kept there (LUA_NOREF) */

@@ -254,6 +254,29 @@ describe("safe retries", function()
     assert.equal(1, H.amqp1 {op = "count", queue = queue}.messages)  -- none of them got in
   end)
 
+  it("never retries a nack through an exchange: another queue the request reached may have run it", function()
+    local T = H.scope(finally)
+    local exchange, queue, full = "spec-retry-x-" .. H.hex(4), H.queue("x-served"), H.queue("x-full")
+    local conn = assert(rpc.connect(H.opts()))
+    T:defer(function() conn:close() end)
+    T:defer(function() H.amqp1 {op = "delete_exchange", exchange = exchange} end)
+    local ran = 0
+    T:server(queue, function(body) ran = ran + 1 return body end,
+             {bind = {exchange = exchange, type = "topic", routing_key = "job.*"}})
+    assert(conn:declare_queue(full, {arguments = load("return " .. FULL_ARGS)()}))
+    assert(conn:bind(full, exchange, "job.*"))
+    assert(conn:publish("", full, "filler"))
+    local client = T:client("job.pay", {exchange = exchange, confirm = true, retries = 3})
+    -- the served queue took it (its handler runs), the full one refused it (a nack): whichever
+    -- the client reads first settles the call, but never a second attempt
+    local reply, message, kind = client:call("pay-42", 2)
+    assert.is_true(reply == "pay-42" or kind == "broker", tostring(message))
+    H.wait_until(function() rpc.sleep(0.02) return ran >= 1 end, 2, "the handler to run")
+    rpc.sleep(0.3)
+    assert.equal(1, ran, "the handler ran more than once")
+    assert.equal(0, client:stats().retries)
+  end)
+
   it("retries a call whose connection was lost and could not be made again, once the broker is back", function()
     local T = H.scope(finally)
     local queue = H.queue("reconnect")

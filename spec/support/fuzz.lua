@@ -235,7 +235,14 @@ end
 function F.table_of_counts(_, t)
   if type(t) ~= "table" then return false, "a table expected" end
   for k, v in pairs(t) do
-    if k ~= "connected" and k ~= "last_error" and math.type(v) ~= "integer" then
+    if k == "latency" or k == "handler_time" then  -- a histogram's figures
+      if type(v) ~= "table" or math.type(v.count) ~= "integer" or v.count < 0 then
+        return false, "field " .. k .. " is not a histogram {count = n, ...}"
+      end
+      for _, f in ipairs {"p50", "p90", "p99", "max"} do
+        if type(v[f]) ~= "number" or v[f] < 0 then return false, "field " .. k .. "." .. f .. " is not a number >= 0" end
+      end
+    elseif k ~= "connected" and k ~= "last_error" and math.type(v) ~= "integer" then
       return false, "field " .. k .. " is not an integer"
     end
   end
