@@ -893,6 +893,9 @@ static int retryable_kind(lua_State *L) {
 static int retry_publish(lua_State *L, struct rpc_client *c, struct retry *t, int *retryable) {
   struct request r;
   lua_settop(L, RETRY_STATE);
+  /* the attempt id's place first (RETRY_ID, below what read_request pushes): an allocation
+   * after the publish could raise and leave a waited call pending that nobody takes */
+  unsigned char *slot = lua_newuserdatauv(L, 16, 0);
   r.timeout = fmax(t->deadline - rpc_now(), 0.001);
   read_request(L, c, 4, call_options, &r);
   r.ctx = loop_context(L);  /* the served request's, if any: its trace (its deadline is in t's) */
@@ -916,10 +919,6 @@ static int retry_publish(lua_State *L, struct rpc_client *c, struct retry *t, in
   memcpy(r.traceparent, t->traceparent, sizeof r.traceparent);
   unsigned char id[16];
   char id_text[37];
-  /* its place first: an allocation after the publish could raise and leave a waited call
-   * pending that nobody takes (a sweep leaves waited calls alone) */
-  unsigned char *slot = lua_newuserdatauv(L, 16, 0);
-  body = lua_tolstring(L, 2, &len);  /* the allocation may run a finalizer: look again */
   n = publish_once(L, c, 1, &r, body, len, id, id_text, 1, t->deadline);
   memcpy(t->traceparent, r.traceparent, sizeof t->traceparent);  /* one span for all attempts */
   if (n) {
