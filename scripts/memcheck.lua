@@ -106,6 +106,49 @@ do  -- batched acks and queued replies (the server's own poll), a codec, reply p
   assert(batch:poll(0))
   batch:close()
 end
+do  -- deadlines, traces, retries, latency figures, expired and poisoned requests
+  local inner = assert(rpc.server(q .. "-inner", function(body) return body end, {auto_delete = true}))
+  local to_inner <close> = assert(rpc.client(q .. "-inner"))
+  local outer = assert(rpc.server(q .. "-outer", function(body, request)
+    assert(request.deadline and rpc.remaining())
+    if body == "late" then rpc.sleep(0.3) end
+    return to_inner:call(body) or "past"  -- cut to the remainder; past it: at once
+  end, {auto_delete = true, prefetch = 10}))
+  local traced <close> = assert(rpc.client(q .. "-outer", {trace = true}))
+  for i = 1, 50 do
+    assert(traced:call("t" .. i, 5, {properties = true, headers = {tracestate = "a=b"}}))
+  end
+  assert(select(3, traced:call("late", 0.2)) == "timeout")
+  assert(rpc.sleep(0.3))
+  assert(traced:stats().latency.count >= 50 and outer:stats().handler_time.count >= 50)
+  local retrying <close> = assert(rpc.client(q .. "-nobody", {retries = 3, confirm = true}))
+  assert(select(3, retrying:call("x", 0.5, {headers = {k = "v"}})) == "no_route")
+  -- a blocking handler lets the next request expire in the prefetch window
+  local blocking = assert(rpc.server(q .. "-block", function(body)
+    if body == "block" then local t = os.clock() + 0.3 repeat until os.clock() > t end
+    return body
+  end, {auto_delete = true, prefetch = 5}))
+  local c <close> = assert(rpc.client(q .. "-block"))
+  local a = assert(c:send("block", {timeout = 5}))
+  local b = assert(c:send("expire", {timeout = 0.05}))
+  assert(c:wait(a) == "block" and select(3, c:wait(b)) == "timeout")
+  assert(rpc.sleep(0.1))
+  blocking:close()
+  -- a redelivery (its server closed mid-request) copied with a count, then poisoned at once
+  local pq = q .. "-poison"
+  local first = assert(rpc.server(pq, function() rpc.sleep(10) return "" end, {max_deliveries = 1}))
+  local pc <close> = assert(rpc.client(pq))
+  local id = assert(pc:send("boom", {timeout = 5}))
+  assert(rpc.sleep(0.1))
+  first:close()
+  local second = assert(rpc.server(pq, function() return "ran" end, {max_deliveries = 1}))
+  assert(select(3, pc:wait(id)) == "poisoned")
+  second:close()
+  local deleter <close> = assert(rpc.connect())
+  assert(deleter:delete_queue(pq))
+  outer:close()
+  inner:close()
+end
 server:close()
 rpc.server(q .. "-gc", function() return "" end, {auto_delete = true})  -- left open: freed by lua_close
 print("memcheck: done")
