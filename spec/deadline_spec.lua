@@ -45,10 +45,11 @@ describe("deadlines", function()
     local a = T:client(b_q)
     local t0 = H.now()
     local reply, message, kind = a:call("x", 1)
-    assert.is_nil(reply)
-    assert.equal("timeout", kind, message)
     local outer_deadline = t0 + 1
     local line = H.wait_until(function() return H.read_file(child.dir .. "/b") end, 5, "B's record")
+    -- B's call ends at A's deadline and B replies at once: A, at its deadline too, may read
+    -- that reply first (a wait takes a reply in hand before it looks at the clock)
+    assert.is_true(reply == "b" or kind == "timeout", tostring(message))
     local inner_reply, inner_kind, took, again, again_kind, again_message = line:match("^(.-)|(.-)|(.-)|(.-)|(.-)|(.*)$")
     assert.equal("nil", inner_reply)
     assert.equal("timeout", inner_kind)

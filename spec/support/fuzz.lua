@@ -264,7 +264,10 @@ local function echo(body) return body end
 -- run() returns true. A stopper request served outside a run does nothing.
 function F.bounded(fn)
   return function(...)
-    F.client:send("stop", {routing_key = F.stop_queue})
+    -- a long timeout: a stop left queued by a call that never ran must not expire unread (a
+    -- server skips requests past their deadline) while the runs after it wait for a stop;
+    -- asserted: a stop that was not sent would leave the run below waiting for ever
+    assert(F.client:send("stop", {routing_key = F.stop_queue, timeout = 600}))
     F.serving = true
     local r = table.pack(pcall(fn, ...))
     F.serving = false
