@@ -949,13 +949,17 @@ static int retry_run(lua_State *L, enum retry_how how) {
   unsigned long interrupts = c->open ? loop_interrupts(c->loop) : 0;
   for (;;) {
     int n, retryable = 0;
-    /* no attempt pending here: a Ctrl-C (or run()'s signal) seen meanwhile ends the call */
+    /* closed meanwhile (by a handler or finalizer the backoff ran): loop is gone too */
+    if (!c->open) return rpc_fail(L, "closed", "client closed while retrying");
+    /* no attempt pending here: a Ctrl-C (or, once it has backed off, run()'s signal) seen
+     * meanwhile ends the call */
     if (how == RETRY_INLINE && t->phase != RETRY_WAIT &&
-        (lua_gethook(L) != hook || loop_interrupts(c->loop) != interrupts || loop_signalled()))
+        (lua_gethook(L) != hook || loop_interrupts(c->loop) != interrupts ||
+         ((t->attempt > 1 || t->phase == RETRY_SLEEP) && loop_signalled())))
       return rpc_fail(L, "interrupted", "interrupted while waiting to retry");
     if (t->phase == RETRY_PUBLISH && c->reading && how != RETRY_INLINE) {
       /* resumed by a loop a finalizer turns while this client reads a reply: not now */
-      if (how == RETRY_SUSPEND) return loop_suspend(L, rpc_now(), how, retry_k);
+      if (how == RETRY_SUSPEND) return loop_suspend(L, rpc_now() + 0.001, how, retry_k);
       return loop_yield_outside(L, 0, 0, how, retry_k);
     }
     if (t->phase == RETRY_PUBLISH) {

@@ -363,7 +363,8 @@ static int step_ready(lua_State *L, struct rpc_loop *loop, const struct rpc_conn
 int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double deadline) {
   double now = rpc_now();
   /* rabbitmq-c sends and checks heartbeats only inside its calls: have own read often */
-  if (own && (conn_has_input(own) || now - own->last_pumped > RPC_HEARTBEAT_READ)) return 1;
+  /* (a lost one has nothing to read: its waiter would spin) */
+  if (own && own->amqp && (conn_has_input(own) || now - own->last_pumped > RPC_HEARTBEAT_READ)) return 1;
   /* a reconnect must not hold a waiting call past its deadline (run() has no real one) */
   double limit = own ? fmax(deadline - now, 0.05) : HUGE_VAL;
   if (step_ready(L, loop, own, now, limit)) return own != NULL;  /* input first: requests start */

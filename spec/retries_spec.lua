@@ -295,6 +295,38 @@ describe("safe retries", function()
     assert.is_true(took < 5, ("took %.3f s"):format(took))
   end)
 
+  it("backs off without spinning while its connection is down, and serves the state meanwhile", function()
+    local T = H.scope(finally)
+    local queue, ping_q = H.queue("down"), H.queue("down-ping")
+    local proxy, port = T:proxy()
+    local client = T:client(queue, {url = H.url_with {port = port}, retries = 40})
+    T:server(queue, function(body) return body end)
+    assert.equal("warm", client:call("warm", 2))
+    proxy:kill("TERM")  -- nobody listens on its port from now on
+    assert.is_number(proxy:wait(5), "the proxy did not exit")
+    H.sleep(1.5)  -- the connection's last read is over a second old
+    local cpu0 = os.clock()
+    local took, reply, _, kind = H.timed(client.call, client, "x", 2)
+    local cpu = os.clock() - cpu0
+    assert.is_nil(reply)
+    assert.equal("connection", kind)
+    assert.is_true(took < 2.2, ("took %.3f s"):format(took))
+    assert.is_true(cpu < 0.5, ("%.2f s of CPU over a %.2f s call backing off"):format(cpu, took))
+    assert.is_true(client:stats().retries >= 2)
+  end)
+
+  it("returns 'closed' when a handler the main-thread backoff runs closes the client", function()
+    local T = H.scope(finally)
+    local nobody, closer_q = H.queue("closed-nobody"), H.queue("closer")
+    local victim = T:client(nobody, {retries = 5})
+    T:server(closer_q, function() victim:close() return "closed it" end)
+    local closer = T:client(closer_q)
+    assert(closer:send("close"))  -- handled while victim:call backs off after no_route
+    local reply, message, kind = victim:call("x", 3)
+    assert.is_nil(reply)
+    assert.equal("closed", kind, message)
+  end)
+
   it("retries a call the client would not publish while the broker blocks publishing #slow", function()
     local T = H.scope(finally)
     local queue = H.queue("alarm-retry")
