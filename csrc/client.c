@@ -16,6 +16,8 @@
 #define CLIENT_MAX_BODY 134217728  /* RabbitMQ's own default max_message_size: 128 MiB */
 #define SWEEP_MIN 64  /* pending calls before the first sweep for sends nobody waits for */
 #define SWEPT_KEPT 1024  /* ids of swept sends remembered, so that a late wait says timeout */
+#define DEFER_MAX (64 * 1024)  /* queued sends' bytes: a larger queue is written at once */
+#define DEFER_AFTER 0.001      /* a send this long after the oldest queued one writes them all */
 
 enum reply_mode { REPLY_DIRECT, REPLY_EXCLUSIVE, REPLY_NAMED };
 
@@ -448,16 +450,30 @@ static int timed_out(lua_State *L, struct rpc_client *c, struct rpc_call *call) 
   return rpc_fail(L, "timeout", text);
 }
 
+/* Writes the requests send() queued (may_defer): before anything waits for input. 0, or -1
+ * with the connection lost: the next read fails the calls in flight, queued ones too (they may
+ * have gone out in part). Not while a reply is in hand: the loss would release it. */
+static int flush_requests(struct rpc_client *c) {
+  if (!c->open || c->reading || !c->conn.out.len) return 0;
+  return conn_flush(&c->conn, c->timeout, rpc_now() + fmax(c->timeout, 1) + 1);
+}
+
 /* One look at call id, waited for in a handler thread until call->wait_deadline: its result
  * pushed (the count), or 0: wait on. */
 static int look(lua_State *L, struct rpc_client *c, int idx, const unsigned char *id) {
-  if (!c->open) return rpc_fail(L, "closed", "client closed while waiting for a reply");
-  struct rpc_call *call = pending_find(&c->pending, id);
-  if (!call) return luaL_error(L, "rabbitrpc: the call being waited for is gone");
-  if (call->state != CALL_WAITING) return take(L, c, idx, call);
-  if (rpc_now() >= call->wait_deadline) return timed_out(L, c, call);
-  call->waiter = L;
-  return 0;
+  static const unsigned char nobody[16];
+  for (;;) {
+    if (!c->open) return rpc_fail(L, "closed", "client closed while waiting for a reply");
+    struct rpc_call *call = pending_find(&c->pending, id);
+    if (!call) return luaL_error(L, "rabbitrpc: the call being waited for is gone");
+    if (call->state != CALL_WAITING) return take(L, c, idx, call);
+    if (rpc_now() >= call->wait_deadline) return timed_out(L, c, call);
+    if (!flush_requests(c)) {
+      call->waiter = L;
+      return 0;
+    }
+    if (read_replies(L, c, idx, nobody) < 0) return lua_error(L);  /* fails them: look again */
+  }
 }
 
 /* In a handler thread: suspends it until the call is settled or its deadline. Its stack keeps
@@ -539,6 +555,10 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
       continue;  /* a finalizer may have closed it; another reply may have settled it */
     }
     if (rpc_now() >= deadline) return timed_out(L, c, call);
+    if (flush_requests(c)) {  /* lost: reading fails the calls */
+      ready = 1;
+      continue;
+    }
     ready = loop_wait(L, c->loop, &c->conn, deadline);
   }
 }
@@ -559,15 +579,18 @@ static int watch_has_input(const struct rpc_watch *w) {
   return c->open && !c->reading && conn_has_input(&c->conn);
 }
 
+/* queued sends are due at once: whoever turns the loop writes them before it waits */
 static double watch_next_due(const struct rpc_watch *w) {
   const struct rpc_client *c = client_of(w);
-  return c->open && !c->reading && c->conn.amqp ? c->conn.last_pumped + RPC_HEARTBEAT_READ : HUGE_VAL;
+  if (!c->open || c->reading || !c->conn.amqp) return HUGE_VAL;
+  return c->conn.out.len ? c->conn.out.since : c->conn.last_pumped + RPC_HEARTBEAT_READ;
 }
 
 static void watch_step(lua_State *L, int idx, double limit) {
   static const unsigned char nobody[16];
   (void)limit;  /* a client reconnects in its next call, not here */
   struct rpc_client *c = lua_touserdata(L, idx);
+  flush_requests(c);  /* a failure is read next */
   if (c->open && !c->reading && read_replies(L, c, idx, nobody) < 0) {  /* a reply lost to a raise */
     loop_took_interrupt(L, c->loop);  /* or a Ctrl-C, for the waits under way */
     lua_pop(L, 1);
@@ -773,7 +796,7 @@ static void stamp_request(lua_State *L, struct rpc_client *c, struct request *r,
  * once more on a fresh connection (the next broker of urls) within its timeout. */
 static int publish_once(lua_State *L, struct rpc_client *c, int idx, struct request *r,
                         const char *body, size_t len, unsigned char id[16], char id_text[37],
-                        int waited, double deadline) {
+                        int waited, double deadline, int defer) {
   if (c->pending.count >= c->sweep_at) forget_expired(L, c, idx);
   ids_next(c->ids, id);
   uuid_unparse_lower(id, id_text);
@@ -792,9 +815,10 @@ static int publish_once(lua_State *L, struct rpc_client *c, int idx, struct requ
     call->published = rpc_now();
     call->one_queue = r->exchange.len == 0;
     /* mandatory: an unroutable request comes back as basic.return and fails the call at once */
-    if (!conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props,
-                      (amqp_bytes_t){len, (void *)body}, r->timeout))
-      return 0;
+    amqp_bytes_t bytes = {len, (void *)body};
+    int st = defer && tries == 1 ? conn_queue_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props, bytes, r->timeout) : -2;
+    if (st == -2) st = conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props, bytes, r->timeout);
+    if (!st) return 0;
     pending_remove(&c->pending, call);
     fail_all(L, c, idx, c->conn.error_kind, c->conn.error);
     if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
@@ -805,7 +829,8 @@ static int publish_once(lua_State *L, struct rpc_client *c, int idx, struct requ
 /* A new request (call, send, call_all) published: publish_once, its deadline r's timeout from
  * now (at most the served request's), with no x-rpc-attempt header. */
 static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *r,
-                   const char *body, size_t len, unsigned char id[16], char id_text[37], int waited) {
+                   const char *body, size_t len, unsigned char id[16], char id_text[37], int waited,
+                   int defer) {
   if (len > c->conn.max_body) return too_large(L, c, len);
   if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
   double now = rpc_now(), deadline = fmin(now + r->timeout, r->until);
@@ -819,7 +844,7 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
   r->traceparent[0] = '\0';  /* one span for all tries */
   r->attempt = 0;
   c->stats.calls++;
-  return publish_once(L, c, idx, r, body, len, id, id_text, waited, deadline);
+  return publish_once(L, c, idx, r, body, len, id, id_text, waited, deadline, defer);
 }
 
 /* ---- safe retries (opts.retries, callopts.retries): call only ----
@@ -919,7 +944,7 @@ static int retry_publish(lua_State *L, struct rpc_client *c, struct retry *t, in
   memcpy(r.traceparent, t->traceparent, sizeof r.traceparent);
   unsigned char id[16];
   char id_text[37];
-  n = publish_once(L, c, 1, &r, body, len, id, id_text, 1, t->deadline);
+  n = publish_once(L, c, 1, &r, body, len, id, id_text, 1, t->deadline, 0);
   memcpy(t->traceparent, r.traceparent, sizeof t->traceparent);  /* one span for all attempts */
   if (n) {
     *retryable = retryable_kind(L);
@@ -985,7 +1010,8 @@ static int retry_run(lua_State *L, enum retry_how how) {
         if (how == RETRY_OUTSIDE) return loop_yield_outside(L, 0, t->due - rpc_now(), how, retry_k);
         /* its own connection read too (heartbeats, replies for others), and the other watches'
          * reconnects bounded by the call's deadline, as wait_for does */
-        if (loop_wait(L, c->loop, &c->conn, t->due) && c->open && conn_should_read(&c->conn) &&
+        int lost = flush_requests(c);  /* sends queued before this call */
+        if ((lost || loop_wait(L, c->loop, &c->conn, t->due)) && c->open && (lost || conn_should_read(&c->conn)) &&
             read_replies(L, c, 1, nobody) < 0) {
           if (!loop_took_interrupt(L, c->loop)) return lua_error(L);
           return rpc_fail(L, "interrupted", "interrupted while waiting to retry");
@@ -1066,8 +1092,19 @@ static int client_call(lua_State *L) {
   char id_text[37];
   int n = within_deadline(L, c, &r);
   if (!n) n = ready_to_publish(L, c, 1, r.timeout);
-  if (!n) n = publish(L, c, 1, &r, body, len, id, id_text, 1);
+  if (!n) n = publish(L, c, 1, &r, body, len, id, id_text, 1, 0);
   return n ? n : wait_for(L, c, 1, id, rpc_now() + r.timeout, 1);
+}
+
+/* A send made while replies wait unread in the client's buffer is queued, not written: its
+ * caller reads them one wait at a time (a ring of sends and waits) and waits again soon, so the
+ * sends between two reads go out in one write, before the next wait for input (flush_requests),
+ * whoever turns the loop (the queue makes the watch due), flush() or close. Never for long or
+ * much: DEFER_AFTER, DEFER_MAX. Under TLS conn_queue_publish writes at once. */
+static int may_defer(const struct rpc_client *c) {
+  const struct rpc_conn *conn = &c->conn;
+  return c->open && conn->amqp && !conn->blocked[0] && conn_has_input(conn) && conn->out.len < DEFER_MAX &&
+         (!conn->out.len || rpc_now() - conn->out.since < DEFER_AFTER);
 }
 
 /* id = client:send(body [, callopts]): publishes and returns the id to wait for. */
@@ -1084,8 +1121,9 @@ static int client_send(lua_State *L) {
   unsigned char id[16];
   char id_text[37];
   int n = within_deadline(L, c, &r);
-  if (!n) n = ready_to_publish(L, c, 1, r.timeout);
-  if (!n) n = publish(L, c, 1, &r, body, len, id, id_text, 0);
+  int defer = !n && may_defer(c);  /* then what waits is read by the wait to come */
+  if (!n && !defer) n = ready_to_publish(L, c, 1, r.timeout);
+  if (!n) n = publish(L, c, 1, &r, body, len, id, id_text, 0, defer);
   if (n) return n;
   lua_pushlstring(L, id_text, 36);
   return 1;
@@ -1112,6 +1150,21 @@ static int client_wait(lua_State *L) {
   call->waited = 1;
   if (timeout > 0) call->timeout = timeout;
   return wait_for(L, c, 1, id, timeout > 0 ? rpc_now() + timeout : call->deadline, 1);
+}
+
+/* client:flush(): writes the requests send() queued now; true, or nil, message, kind. */
+static int client_flush(lua_State *L) {
+  static const unsigned char nobody[16];
+  struct rpc_client *c = check_usable_client(L);
+  if (!c->open) return rpc_fail(L, "closed", "client closed");
+  if (!flush_requests(c)) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  char why[sizeof c->conn.error];
+  memcpy(why, c->conn.error, sizeof why);
+  if (read_replies(L, c, 1, nobody) < 0) return lua_error(L);  /* fails the calls in flight */
+  return rpc_fail(L, "connection", why);
 }
 
 /* Forgets calls ids[from..n): their replies, if any come, are discarded and counted. */
@@ -1238,7 +1291,7 @@ static int client_call_all(lua_State *L) {
     lua_rawgeti(L, 2, i + 1);
     size_t len;
     const char *body = lua_tolstring(L, -1, &len);
-    failed = publish(L, c, 1, &r, body, len, b->ids[i], id_text, 1);
+    failed = publish(L, c, 1, &r, body, len, b->ids[i], id_text, 1, i + 1 < n);  /* one write */
     if (!failed) lua_pop(L, 1);
   }
   b->sent = i;
@@ -1338,7 +1391,7 @@ static int client_step(lua_State *L) {
 
 static const luaL_Reg client_methods[] = {
     {"call", client_call},   {"send", client_send},   {"wait", client_wait},
-    {"call_all", client_call_all}, {"close", client_close}, {"stats", client_stats},
+    {"call_all", client_call_all}, {"flush", client_flush}, {"close", client_close}, {"stats", client_stats},
     {"pollfd", client_pollfd}, {"events", client_events}, {"timeout", client_timeout}, {"step", client_step},
     {NULL, NULL}};
 

@@ -667,14 +667,14 @@ int conn_flush(struct rpc_conn *c, double bound, double until) {
   return st ? publish_failed(c, st) : 0;
 }
 
-int conn_queue_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key,
+int conn_queue_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
                        const amqp_basic_properties_t *props, amqp_bytes_t body, double bound) {
   if (uses_tls(c)) {
-    int st = tls_publish(c, exchange, routing_key, 0, props, body, bound);
+    int st = tls_publish(c, exchange, routing_key, mandatory, props, body, bound);
     return st ? publish_failed(c, st) : 0;
   }
   if (!c->out.len) c->out.since = rpc_now();
-  int st = frames_publish(&c->out, exchange, routing_key, 0, props, body, (size_t)amqp_get_frame_max(c->amqp));
+  int st = frames_publish(&c->out, exchange, routing_key, mandatory, props, body, (size_t)amqp_get_frame_max(c->amqp));
   if (st && st != AMQP_STATUS_NO_MEMORY) return -2;  /* would not encode: nothing queued, still fine */
   return st ? publish_failed(c, st) : 0;
 }

@@ -170,7 +170,7 @@ struct rpc_conn {
   unsigned int send_bound;      /* TCP_USER_TIMEOUT now set, ms (the connection's own between publishes) */
   const char *where;            /* the current endpoint's */
   struct rpc_message msg;
-  struct rpc_out out;           /* queued replies and acks (plain TCP), written by conn_flush */
+  struct rpc_out out;           /* queued frames (plain TCP), written by conn_flush */
   double last_pumped;             /* when the loop last serviced it (heartbeats) */
   const char *error_kind;       /* why it was lost, for the next caller */
   char blocked[300];            /* why the broker blocks publishing (a resource alarm), or "" */
@@ -201,7 +201,7 @@ int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing
 /* Queued: written by the next conn_flush (or conn_publish, conn_close), in order. Under TLS
  * they are sent at once. 0, or -1 with the connection lost; conn_queue_publish: -2 when the
  * properties do not fit the negotiated frame size (nothing queued, the connection fine). */
-int conn_queue_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key,
+int conn_queue_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
                        const amqp_basic_properties_t *props, amqp_bytes_t body, double bound);
 int conn_queue_ack(struct rpc_conn *c, uint64_t delivery_tag, int multiple);
 int conn_queue_reject(struct rpc_conn *c, uint64_t delivery_tag, int requeue);

@@ -213,7 +213,7 @@ static int publish_reply(struct rpc_server *s, struct request *r, const char *re
   amqp_bytes_t reply_to = {r->reply_to_len, r->reply_to};
   /* a reply may wait on a stalled peer as long as heartbeats would take to notice it */
   double bound = s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60;
-  int st = conn_queue_publish(&s->conn, amqp_empty_bytes, reply_to, &props, body, bound);
+  int st = conn_queue_publish(&s->conn, amqp_empty_bytes, reply_to, 0, &props, body, bound);
   if (merged != few) free(merged);
   if (st == -2 && !failed) {  /* handler headers over the broker's frame size: say so instead */
     static const char why[] = "rabbitrpc: the reply's properties do not fit the broker's frame size";
@@ -666,7 +666,7 @@ static int requeue_counted(struct rpc_server *s, lua_Integer n) {
       (props.user_id.len != strlen(user) || memcmp(props.user_id.bytes, user, props.user_id.len) != 0))
     props._flags &= ~(amqp_flags_t)AMQP_BASIC_USER_ID_FLAG;
   double bound = s->conn.heartbeat ? 2.0 * s->conn.heartbeat : 60;
-  int st = conn_queue_publish(&s->conn, amqp_empty_bytes, amqp_cstring_bytes(s->queue), &props,
+  int st = conn_queue_publish(&s->conn, amqp_empty_bytes, amqp_cstring_bytes(s->queue), 0, &props,
                               (amqp_bytes_t){m->size, (void *)m->body}, bound);
   free(e);
   if (st == -2) return -1;
