@@ -450,30 +450,26 @@ static int timed_out(lua_State *L, struct rpc_client *c, struct rpc_call *call) 
   return rpc_fail(L, "timeout", text);
 }
 
-/* Writes the requests send() queued (may_defer): before anything waits for input. 0, or -1
- * with the connection lost: the next read fails the calls in flight, queued ones too (they may
- * have gone out in part). Not while a reply is in hand: the loss would release it. */
+/* Writes the requests send() queued (may_defer), once what was buffered has been read: a
+ * failed write drops the connection, and replies still in its buffer with it. 0, or -1 with the
+ * connection lost: the next read fails the calls in flight, queued ones too (they may have gone
+ * out in part). Not while a reply is in hand: the loss would release it. */
 static int flush_requests(struct rpc_client *c) {
-  if (!c->open || c->reading || !c->conn.out.len) return 0;
-  return conn_flush(&c->conn, c->timeout, rpc_now() + fmax(c->timeout, 1) + 1);
+  if (!c->open || c->reading || !c->conn.out.len || conn_has_input(&c->conn)) return 0;
+  return conn_flush(&c->conn, c->timeout, fmax(c->timeout, 1) + 1);
 }
 
 /* One look at call id, waited for in a handler thread until call->wait_deadline: its result
- * pushed (the count), or 0: wait on. */
+ * pushed (the count), or 0: wait on (the loop reads the client, and writes its queued sends,
+ * in its watch_step). */
 static int look(lua_State *L, struct rpc_client *c, int idx, const unsigned char *id) {
-  static const unsigned char nobody[16];
-  for (;;) {
-    if (!c->open) return rpc_fail(L, "closed", "client closed while waiting for a reply");
-    struct rpc_call *call = pending_find(&c->pending, id);
-    if (!call) return luaL_error(L, "rabbitrpc: the call being waited for is gone");
-    if (call->state != CALL_WAITING) return take(L, c, idx, call);
-    if (rpc_now() >= call->wait_deadline) return timed_out(L, c, call);
-    if (!flush_requests(c)) {
-      call->waiter = L;
-      return 0;
-    }
-    if (read_replies(L, c, idx, nobody) < 0) return lua_error(L);  /* fails them: look again */
-  }
+  if (!c->open) return rpc_fail(L, "closed", "client closed while waiting for a reply");
+  struct rpc_call *call = pending_find(&c->pending, id);
+  if (!call) return luaL_error(L, "rabbitrpc: the call being waited for is gone");
+  if (call->state != CALL_WAITING) return take(L, c, idx, call);
+  if (rpc_now() >= call->wait_deadline) return timed_out(L, c, call);
+  call->waiter = L;
+  return 0;
 }
 
 /* In a handler thread: suspends it until the call is settled or its deadline. Its stack keeps
@@ -555,7 +551,7 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
       continue;  /* a finalizer may have closed it; another reply may have settled it */
     }
     if (rpc_now() >= deadline) return timed_out(L, c, call);
-    if (flush_requests(c)) {  /* lost: reading fails the calls */
+    if (flush_requests(c)) {  /* (all read by now) lost: reading fails the calls */
       ready = 1;
       continue;
     }
@@ -590,10 +586,12 @@ static void watch_step(lua_State *L, int idx, double limit) {
   static const unsigned char nobody[16];
   (void)limit;  /* a client reconnects in its next call, not here */
   struct rpc_client *c = lua_touserdata(L, idx);
-  flush_requests(c);  /* a failure is read next */
-  if (c->open && !c->reading && read_replies(L, c, idx, nobody) < 0) {  /* a reply lost to a raise */
-    loop_took_interrupt(L, c->loop);  /* or a Ctrl-C, for the waits under way */
-    lua_pop(L, 1);
+  for (int pass = 0; pass < 2; pass++) {  /* read, write what is queued; a failed write is read */
+    if (c->open && !c->reading && read_replies(L, c, idx, nobody) < 0) {  /* a reply lost to a raise */
+      loop_took_interrupt(L, c->loop);  /* or a Ctrl-C, for the waits under way */
+      lua_pop(L, 1);
+    }
+    if (!flush_requests(c)) break;
   }
 }
 
@@ -1010,7 +1008,7 @@ static int retry_run(lua_State *L, enum retry_how how) {
         if (how == RETRY_OUTSIDE) return loop_yield_outside(L, 0, t->due - rpc_now(), how, retry_k);
         /* its own connection read too (heartbeats, replies for others), and the other watches'
          * reconnects bounded by the call's deadline, as wait_for does */
-        int lost = flush_requests(c);  /* sends queued before this call */
+        int lost = flush_requests(c);  /* sends queued before this call (once own input is read) */
         if ((lost || loop_wait(L, c->loop, &c->conn, t->due)) && c->open && (lost || conn_should_read(&c->conn)) &&
             read_replies(L, c, 1, nobody) < 0) {
           if (!loop_took_interrupt(L, c->loop)) return lua_error(L);
@@ -1157,6 +1155,8 @@ static int client_flush(lua_State *L) {
   static const unsigned char nobody[16];
   struct rpc_client *c = check_usable_client(L);
   if (!c->open) return rpc_fail(L, "closed", "client closed");
+  if (conn_has_input(&c->conn) && read_replies(L, c, 1, nobody) < 0) return lua_error(L);  /* first */
+  if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
   if (!flush_requests(c)) {
     lua_pushboolean(L, 1);
     return 1;

@@ -431,7 +431,7 @@ int conn_open(struct rpc_conn *c, double limit) {
 void conn_close(struct rpc_conn *c) {
   if (!c->amqp) return;
   if (!c->error_kind) {  /* polite, but never long: close runs from __gc too */
-    if (c->out.len && frames_write(&c->out, amqp_get_sockfd(c->amqp), 1, rpc_now() + 1)) c->error_kind = "connection";
+    if (c->out.len && frames_write(&c->out, amqp_get_sockfd(c->amqp), 1, 1)) c->error_kind = "connection";
   }
   frames_discard(&c->out);
   if (!c->error_kind) {
@@ -619,7 +619,7 @@ static enum conn_event on_frame(struct rpc_conn *c, amqp_frame_t *f) {
 enum conn_event conn_pump(struct rpc_conn *c) {
   struct timeval zero = {0, 0};
   amqp_frame_t frame;
-  c->last_pumped = rpc_now();
+  if (!conn_has_input(c)) c->last_pumped = rpc_now();  /* this one reads the socket */
   while (c->amqp) {
     int st = amqp_simple_wait_frame_noblock(c->amqp, &frame, &zero);
     if (st == AMQP_STATUS_TIMEOUT) return EV_NONE;
@@ -654,16 +654,16 @@ static int publish_failed(struct rpc_conn *c, int st) {
 }
 
 /* Writes what is queued, giving a peer that does not read on bound seconds (at least 1)
- * without progress, and never past until: plain TCP sends are non-blocking and polled here, so
+ * without progress, and budget seconds in all: plain TCP sends are non-blocking and polled here, so
  * no publish waits on rabbitmq-c's infinite send deadline (rmqc#519) and no socket option
  * changes per publish. */
-int conn_flush(struct rpc_conn *c, double bound, double until) {
+int conn_flush(struct rpc_conn *c, double bound, double budget) {
   if (!c->out.len) return 0;
   if (!c->amqp) {
     frames_discard(&c->out);
     return -1;
   }
-  int st = frames_write(&c->out, amqp_get_sockfd(c->amqp), bound < 1 ? 1 : bound, until);
+  int st = frames_write(&c->out, amqp_get_sockfd(c->amqp), bound < 1 ? 1 : bound, budget);
   return st ? publish_failed(c, st) : 0;
 }
 
@@ -685,7 +685,7 @@ int conn_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t routing
                        : frames_publish(&c->out, exchange, routing_key, mandatory, props, body, (size_t)amqp_get_frame_max(c->amqp));
   if (st) return publish_failed(c, st);
   /* a publish's own bound, with README's slack: a call ends within its timeout (at least 1 s) */
-  return conn_flush(c, bound, rpc_now() + (bound < 1 ? 1 : bound) + 1);
+  return conn_flush(c, bound, (bound < 1 ? 1 : bound) + 1);
 }
 
 /* An ack (reject: a reject) of tag, queued behind the replies before it (sent at once under

@@ -122,18 +122,19 @@ int frames_reject(struct rpc_out *o, uint64_t tag, int requeue) {
 }
 
 /* Writes everything buffered, waiting for room in the socket while the peer reads: stall
- * seconds without progress give up (TCP_USER_TIMEOUT's rule, on our side), and so does the
- * clock reaching until (a peer that takes a few bytes now and then). Returns 0 or an
+ * seconds without progress give up (TCP_USER_TIMEOUT's rule, on our side), and so does budget
+ * seconds in all (a peer that takes a few bytes now and then). The clock is read only once the
+ * socket is full: a write that goes through at once costs no clock_gettime. Returns 0 or an
  * AMQP_STATUS_*; after a failure the connection is unusable (a frame may be half written). */
-int frames_write(struct rpc_out *o, int fd, double stall, double until) {
+int frames_write(struct rpc_out *o, int fd, double stall, double budget) {
   size_t done = 0;
   int st = AMQP_STATUS_OK;
-  double deadline = fmin(rpc_now() + stall, until);
+  double until = -1, deadline = -1;  /* not read yet */
   while (done < o->len) {
     ssize_t n = send(fd, o->buf + done, o->len - done, MSG_NOSIGNAL);
     if (n > 0) {
       done += (size_t)n;
-      deadline = fmin(rpc_now() + stall, until);
+      deadline = -1;
       continue;
     }
     if (n < 0 && errno == EINTR) continue;
@@ -141,7 +142,10 @@ int frames_write(struct rpc_out *o, int fd, double stall, double until) {
       st = AMQP_STATUS_SOCKET_ERROR;
       break;
     }
-    double left = deadline - rpc_now();
+    double now = rpc_now();
+    if (until < 0) until = now + budget;
+    if (deadline < 0) deadline = fmin(now + stall, until);
+    double left = deadline - now;
     struct pollfd p = {fd, POLLOUT, 0};
     if (left <= 0 || (poll(&p, 1, (int)(left * 1000) + 1) < 0 && errno != EINTR)) {
       st = left <= 0 ? AMQP_STATUS_TIMEOUT : AMQP_STATUS_SOCKET_ERROR;

@@ -369,9 +369,9 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
   double limit = own ? fmax(deadline - now, 0.05) : HUGE_VAL;
   if (step_ready(L, loop, own, now, limit)) return own != NULL;  /* input first: requests start */
   double wake;  /* the earliest due time of a suspended thread */
-  int resumed = resume_due(L, rpc_now(), &wake);
+  int resumed = resume_due(L, now, &wake);
   /* after resuming, a poll that does not wait: threads that yield at once must not starve input */
-  now = rpc_now();
+  if (resumed) now = rpc_now();
   struct pollfd fds[MAX_POLLED];
   struct rpc_watch *polled[MAX_POLLED];
   nfds_t n = 0;

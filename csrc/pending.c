@@ -66,28 +66,27 @@ void pending_remove(struct rpc_pending *p, struct rpc_call *call) {
   }
 }
 
-static int hex_value(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
+/* Each byte's value as a hex digit, or -1 (any case, as uuid_parse reads it). */
+#define HEX_ROW(base) base, base + 1, base + 2, base + 3, base + 4, base + 5, base + 6, base + 7, base + 8, base + 9
+#define X16 -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1
+static const signed char hex_values[256] = {
+    X16, X16, X16, HEX_ROW(0), -1, -1, -1, -1, -1, -1,       /* '0'..'9' at 0x30 */
+    -1, 10, 11, 12, 13, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, X16,  /* 'A'..'F' */
+    -1, 10, 11, 12, 13, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, X16,  /* 'a'..'f' */
+    X16, X16, X16, X16, X16, X16, X16, X16};
 
 /* The 36-character text form of an id, as uuid_parse reads it, without its strtoul per byte:
- * every reply's correlation id goes through here. */
+ * every reply's correlation id and every wait's id go through here. */
 int pending_parse_id(const char *text, size_t len, unsigned char id[16]) {
-  if (len != 36) return 0;
-  size_t i = 0;
+  static const unsigned char starts[16] = {0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34};
+  if (len != 36 || text[8] != '-' || text[13] != '-' || text[18] != '-' || text[23] != '-') return 0;
+  int bad = 0;
   for (int n = 0; n < 16; n++) {
-    if (i == 8 || i == 13 || i == 18 || i == 23) {
-      if (text[i++] != '-') return 0;
-    }
-    int high = hex_value(text[i]), low = hex_value(text[i + 1]);
-    if (high < 0 || low < 0) return 0;
+    int high = hex_values[(unsigned char)text[starts[n]]], low = hex_values[(unsigned char)text[starts[n] + 1]];
+    bad |= high | low;  /* -1 has every bit */
     id[n] = (unsigned char)(high << 4 | low);
-    i += 2;
   }
-  return 1;
+  return bad >= 0;
 }
 
 void pending_free(struct rpc_pending *p) {

@@ -116,7 +116,7 @@ int frames_publish(struct rpc_out *o, amqp_bytes_t exchange, amqp_bytes_t routin
                    const amqp_basic_properties_t *props, amqp_bytes_t body, size_t frame_max);
 int frames_ack(struct rpc_out *o, uint64_t tag, int multiple);
 int frames_reject(struct rpc_out *o, uint64_t tag, int requeue);
-int frames_write(struct rpc_out *o, int fd, double stall, double until);
+int frames_write(struct rpc_out *o, int fd, double stall, double budget);
 void frames_discard(struct rpc_out *o);
 void frames_free(struct rpc_out *o);
 
@@ -205,7 +205,7 @@ int conn_queue_publish(struct rpc_conn *c, amqp_bytes_t exchange, amqp_bytes_t r
                        const amqp_basic_properties_t *props, amqp_bytes_t body, double bound);
 int conn_queue_ack(struct rpc_conn *c, uint64_t delivery_tag, int multiple);
 int conn_queue_reject(struct rpc_conn *c, uint64_t delivery_tag, int requeue);
-int conn_flush(struct rpc_conn *c, double bound, double until);
+int conn_flush(struct rpc_conn *c, double bound, double budget);  /* seconds: see frames_write */
 int acks_flush(struct rpc_acks *a, struct rpc_conn *c);
 int conn_lost(struct rpc_conn *c, const char *kind, const char *fmt, ...);
 const char *conn_header(const amqp_basic_properties_t *p, const char *key, size_t *len);

@@ -231,10 +231,10 @@ static int has_output(const struct rpc_server *s) {
 
 /* Writes the queued replies, then the acks they allow, in one send; bound: seconds without
  * progress before the peer counts as gone. */
-static void flush_within(struct rpc_server *s, double bound, double until) {
+static void flush_within(struct rpc_server *s, double bound, double budget) {
   if (!s->conn.amqp) return;
   if (s->acks.done && acks_flush(&s->acks, &s->conn)) return;
-  conn_flush(&s->conn, bound, until);
+  conn_flush(&s->conn, bound, budget);
 }
 
 /* a reply may wait on a stalled peer as long as heartbeats would take to notice it */
@@ -1254,7 +1254,7 @@ static void drain(lua_State *L, struct rpc_server *s) {
 static int run_loop(lua_State *L) {
   struct rpc_server *s = lua_touserdata(L, 1);
   while (s->open && !s->stopping && !loop_signalled())
-    loop_wait(L, s->loop, NULL, rpc_now() + RPC_SLICE);
+    loop_wait(L, s->loop, NULL, HUGE_VAL);  /* turns of at most RPC_SLICE */
   if (s->open && loop_signalled()) drain(L, s);
   return 0;
 }
@@ -1322,7 +1322,7 @@ static void server_close(lua_State *L, struct rpc_server *s) {
   }
   if (s->loop) loop_remove(L, s->loop, &s->watch);
   s->loop = NULL;
-  flush_within(s, 1, rpc_now() + 1);  /* what is done is answered and acked; the rest goes back to the queue */
+  flush_within(s, 1, 1);  /* what is done is answered and acked; the rest goes back to the queue */
   s->open = 0;
   s->close_pending = 0;
   conn_free(&s->conn);
