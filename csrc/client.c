@@ -38,6 +38,7 @@ struct rpc_client {
   struct rpc_ids *ids;   /* where correlation ids come from */
   char expiration[24];   /* milliseconds, as text */
   struct rpc_pending pending;
+  size_t kept;          /* calls settled with their outcome kept (keep), not yet taken */
   size_t sweep_at;      /* pending calls at which the next publish sweeps expired sends */
   unsigned char (*swept)[16];  /* a ring of the last SWEPT_KEPT swept ids (NULL until needed) */
   size_t swept_next;
@@ -187,6 +188,7 @@ static void keep(lua_State *L, struct rpc_client *c, int idx, const unsigned cha
   int props_ref = props ? luaL_ref(L, outcomes) : LUA_NOREF;
   struct rpc_call *call = c->open ? pending_find(&c->pending, id) : NULL;
   if (call && call->state == CALL_WAITING) {
+    c->kept++;
     call->ref = ref;
     call->props_ref = props_ref;
     call->state = state;
@@ -258,6 +260,7 @@ static int take(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *ca
   enum call_state state = call->state;
   const char *kind = call->kind;
   int ref = call->ref, props_ref = call->props_ref;
+  if (ref != LUA_NOREF) c->kept--;
   if (call->retryable) memcpy(c->retryable_id, call->id, 16);
   pending_remove(&c->pending, call);
   if (state == CALL_FAILED) lua_pushnil(L);
@@ -373,6 +376,7 @@ static int read_replies_in_hand(lua_State *L, struct rpc_client *c, int idx,
       continue;
     }
     if (ev == EV_BLOCKED) {  /* requests in flight may never be read: do not let them hang */
+      frames_discard(&c->conn.out);  /* queued sends: failed as blocked, so never written */
       fail_all(L, c, idx, "blocked", c->conn.blocked);
       continue;
     }
@@ -409,6 +413,7 @@ static int read_replies(lua_State *L, struct rpc_client *c, int idx, const unsig
 /* Forgets a call that nobody will take: its kept outcome, if any, is discarded and counted. */
 static void forget_call(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
   if (call->ref != LUA_NOREF) {
+    c->kept--;
     lua_getiuservalue(L, idx, UV_OUTCOMES);
     luaL_unref(L, -1, call->ref);
     luaL_unref(L, -1, call->props_ref);
@@ -454,9 +459,9 @@ static int timed_out(lua_State *L, struct rpc_client *c, struct rpc_call *call) 
  * failed write drops the connection, and replies still in its buffer with it. 0, or -1 with the
  * connection lost: the next read fails the calls in flight, queued ones too (they may have gone
  * out in part). Not while a reply is in hand: the loss would release it. */
-static int flush_requests(struct rpc_client *c) {
+static int flush_requests(struct rpc_client *c, double limit) {
   if (!c->open || c->reading || !c->conn.out.len || conn_has_input(&c->conn)) return 0;
-  return conn_flush(&c->conn, c->timeout, fmax(c->timeout, 1) + 1);
+  return conn_flush(&c->conn, c->timeout, fmin(fmax(c->timeout, 1) + 1, fmax(limit, 0.05)));
 }
 
 /* One look at call id, waited for in a handler thread until call->wait_deadline: its result
@@ -551,7 +556,7 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
       continue;  /* a finalizer may have closed it; another reply may have settled it */
     }
     if (rpc_now() >= deadline) return timed_out(L, c, call);
-    if (flush_requests(c)) {  /* (all read by now) lost: reading fails the calls */
+    if (flush_requests(c, HUGE_VAL)) {  /* (all read by now) lost: reading fails the calls */
       ready = 1;
       continue;
     }
@@ -582,16 +587,17 @@ static double watch_next_due(const struct rpc_watch *w) {
   return c->conn.out.len ? c->conn.out.since : c->conn.last_pumped + RPC_HEARTBEAT_READ;
 }
 
+/* limit: the waiter's time left, which a write stalled by the broker may not hold up (a client
+ * reconnects in its next call, not here) */
 static void watch_step(lua_State *L, int idx, double limit) {
   static const unsigned char nobody[16];
-  (void)limit;  /* a client reconnects in its next call, not here */
   struct rpc_client *c = lua_touserdata(L, idx);
   for (int pass = 0; pass < 2; pass++) {  /* read, write what is queued; a failed write is read */
     if (c->open && !c->reading && read_replies(L, c, idx, nobody) < 0) {  /* a reply lost to a raise */
       loop_took_interrupt(L, c->loop);  /* or a Ctrl-C, for the waits under way */
       lua_pop(L, 1);
     }
-    if (!flush_requests(c)) break;
+    if (!flush_requests(c, limit)) break;
   }
 }
 
@@ -1008,7 +1014,7 @@ static int retry_run(lua_State *L, enum retry_how how) {
         if (how == RETRY_OUTSIDE) return loop_yield_outside(L, 0, t->due - rpc_now(), how, retry_k);
         /* its own connection read too (heartbeats, replies for others), and the other watches'
          * reconnects bounded by the call's deadline, as wait_for does */
-        int lost = flush_requests(c);  /* sends queued before this call (once own input is read) */
+        int lost = flush_requests(c, t->deadline - rpc_now());  /* sends queued before this call */
         if ((lost || loop_wait(L, c->loop, &c->conn, t->due)) && c->open && (lost || conn_should_read(&c->conn)) &&
             read_replies(L, c, 1, nobody) < 0) {
           if (!loop_took_interrupt(L, c->loop)) return lua_error(L);
@@ -1094,14 +1100,15 @@ static int client_call(lua_State *L) {
   return n ? n : wait_for(L, c, 1, id, rpc_now() + r.timeout, 1);
 }
 
-/* A send made while replies wait unread in the client's buffer is queued, not written: its
- * caller reads them one wait at a time (a ring of sends and waits) and waits again soon, so the
- * sends between two reads go out in one write, before the next wait for input (flush_requests),
- * whoever turns the loop (the queue makes the watch due), flush() or close. Never for long or
- * much: DEFER_AFTER, DEFER_MAX. Under TLS conn_queue_publish writes at once. */
-static int may_defer(const struct rpc_client *c) {
+/* A send made while replies the caller has not taken yet are in hand (kept: it reads them one
+ * wait at a time, a ring of sends and waits) is queued, not written: the caller waits again
+ * soon, so the sends between two reads go out in one write, before the next wait for input
+ * (flush_requests), whoever turns the loop (the queue makes the watch due), flush() or close.
+ * It has looked at the connection first, as every send does (ready_to_publish). Never for long
+ * or much: DEFER_AFTER, DEFER_MAX. Under TLS conn_queue_publish writes at once. */
+static int may_defer(const struct rpc_client *c, size_t len) {
   const struct rpc_conn *conn = &c->conn;
-  return c->open && conn->amqp && !conn->blocked[0] && conn_has_input(conn) && conn->out.len < DEFER_MAX &&
+  return c->open && c->kept && conn->amqp && !conn->blocked[0] && conn->out.len + len < DEFER_MAX &&
          (!conn->out.len || rpc_now() - conn->out.since < DEFER_AFTER);
 }
 
@@ -1119,9 +1126,8 @@ static int client_send(lua_State *L) {
   unsigned char id[16];
   char id_text[37];
   int n = within_deadline(L, c, &r);
-  int defer = !n && may_defer(c);  /* then what waits is read by the wait to come */
-  if (!n && !defer) n = ready_to_publish(L, c, 1, r.timeout);
-  if (!n) n = publish(L, c, 1, &r, body, len, id, id_text, 0, defer);
+  if (!n) n = ready_to_publish(L, c, 1, r.timeout);
+  if (!n) n = publish(L, c, 1, &r, body, len, id, id_text, 0, may_defer(c, len));
   if (n) return n;
   lua_pushlstring(L, id_text, 36);
   return 1;
@@ -1157,14 +1163,15 @@ static int client_flush(lua_State *L) {
   if (!c->open) return rpc_fail(L, "closed", "client closed");
   if (conn_has_input(&c->conn) && read_replies(L, c, 1, nobody) < 0) return lua_error(L);  /* first */
   if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
-  if (!flush_requests(c)) {
+  if (!flush_requests(c, HUGE_VAL)) {
     lua_pushboolean(L, 1);
     return 1;
   }
   char why[sizeof c->conn.error];
   memcpy(why, c->conn.error, sizeof why);
+  const char *kind = c->conn.error_kind;  /* a string constant */
   if (read_replies(L, c, 1, nobody) < 0) return lua_error(L);  /* fails the calls in flight */
-  return rpc_fail(L, "connection", why);
+  return rpc_fail(L, kind ? kind : "connection", why);
 }
 
 /* Forgets calls ids[from..n): their replies, if any come, are discarded and counted. */
@@ -1291,7 +1298,8 @@ static int client_call_all(lua_State *L) {
     lua_rawgeti(L, 2, i + 1);
     size_t len;
     const char *body = lua_tolstring(L, -1, &len);
-    failed = publish(L, c, 1, &r, body, len, b->ids[i], id_text, 1, i + 1 < n);  /* one write */
+    int defer = i + 1 < n && c->conn.out.len + len < DEFER_MAX;  /* few writes */
+    failed = publish(L, c, 1, &r, body, len, b->ids[i], id_text, 1, defer);
     if (!failed) lua_pop(L, 1);
   }
   b->sent = i;
@@ -1329,6 +1337,7 @@ static int client_close(lua_State *L) {
   if (c->loop) loop_remove(L, c->loop, &c->watch);
   c->loop = NULL;
   pending_free(&c->pending);
+  c->kept = 0;
   free(c->swept);
   c->swept = NULL;
   lua_pushnil(L);  /* kept replies go with it */

@@ -21,8 +21,10 @@
 #define QUORUM_COUNT_HEADER "x-delivery-count"  /* quorum queues: the broker's count of earlier ones */
 
 /* user values */
-enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_REQUESTS, UV_CODEC, UV_COUNT = UV_CODEC };
-/* UV_REQUESTS: thread -> true for the handler threads under way (they anchor themselves) */
+enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_REQUESTS, UV_CODEC, UV_IDLE, UV_COUNT = UV_IDLE };
+/* UV_REQUESTS: thread -> true for the handler threads under way (they anchor themselves);
+ * UV_IDLE: {thread, request, abort function, ...}: finished handler threads, for the next */
+#define IDLE_KEPT 4  /* threads kept: one per request would be most of a request's garbage */
 
 /* What a request's reply and ack need, copied from the delivery: its handler may run on after
  * the message is released (it waits, suspended, while the server takes the next ones). */
@@ -560,18 +562,59 @@ static int request_main(lua_State *T) {
   return request_done(T, status, armed);
 }
 
+/* Pushes a handler thread, its request userdata and its abort function (request_abort): a
+ * finished set keep_idle kept, or a new one. Returns the thread. */
+static lua_State *take_idle(lua_State *L, int idx) {
+  lua_getiuservalue(L, idx, UV_IDLE);
+  int idle = lua_gettop(L);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, idle);
+  lua_State *T;
+  if (n >= 3) {
+    for (lua_Integer i = n - 2; i <= n; i++) lua_rawgeti(L, idle, i);
+    for (lua_Integer i = n - 2; i <= n; i++) {
+      lua_pushnil(L);
+      lua_rawseti(L, idle, i);
+    }
+    T = lua_tothread(L, idle + 1);
+  } else {
+    T = lua_newthread(L);
+    lua_newuserdatauv(L, sizeof(struct request), 1);
+    lua_pushvalue(L, idx);
+    lua_setiuservalue(L, -2, 1);
+    lua_pushvalue(L, -1);
+    lua_pushcclosure(L, request_abort, 1);
+  }
+  lua_remove(L, idle);
+  lua_sethook(T, NULL, 0, 0);  /* not a Ctrl-C hook lua.c had set on the creating thread, nor a
+                                * hook an earlier handler set on its own */
+  return T;
+}
+
+/* The thread at t (its request and abort function above it) ran its request to the end, here:
+ * kept for another, unless enough are or it ended otherwise (suspended, dead by an error). */
+static void keep_idle(lua_State *L, struct rpc_server *s, int idx, int t) {
+  lua_State *T = lua_tothread(L, t);
+  lua_Debug ar;
+  if (!s->open || lua_status(T) != LUA_OK || lua_gettop(T) != 0 || lua_getstack(T, 0, &ar)) return;
+  lua_getiuservalue(L, idx, UV_IDLE);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+  for (int i = 0; i < 3 && n < 3 * IDLE_KEPT; i++) {
+    lua_pushvalue(L, t + i);
+    lua_rawseti(L, -2, n + 1 + i);
+  }
+  lua_pop(L, 1);
+}
+
 /* Runs the handler on the request in hand in a thread of its own: it replies and acks when it
  * ends, which may be after waits that suspend it while the server takes the next requests. */
 static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   const struct rpc_message *m = &s->conn.msg;
   int top = lua_gettop(L);
-  lua_State *T = lua_newthread(L);
-  lua_sethook(T, NULL, 0, 0);  /* not a Ctrl-C hook lua.c had set on the creating thread */
-  lua_pushcfunction(L, request_main);
-  struct request *r = lua_newuserdatauv(L, sizeof *r, 1);
+  lua_State *T = take_idle(L, idx);  /* top + 1, its request top + 2, its abort function top + 3 */
+  struct request *r = lua_touserdata(L, top + 2);
   *r = s->in_hand;
-  lua_pushvalue(L, idx);
-  lua_setiuservalue(L, -2, 1);
+  lua_pushcfunction(L, request_main);
+  lua_pushvalue(L, top + 2);
   lua_getiuservalue(L, idx, UV_MSGH);
   lua_getiuservalue(L, idx, UV_HANDLER);
   lua_pushlstring(L, m->body, m->size);
@@ -580,14 +623,13 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
     refuse_too_large(L, s, "request headers over 16 levels deep or 1024 entries");
     return;
   }
-  int nargs = lua_gettop(L) - (top + 2);  /* request, msgh, handler and the handler's arguments */
+  int nargs = lua_gettop(L) - (top + 4);  /* request, msgh, handler and the handler's arguments */
   lua_getiuservalue(L, idx, UV_REQUESTS);
   lua_pushvalue(L, top + 1);
   lua_pushboolean(L, 1);
   lua_rawset(L, -3);
   lua_pop(L, 1);
   lua_pushvalue(L, top + 3);
-  lua_pushcclosure(L, request_abort, 1);
   loop_own(L, top + 1, r->ctx.deadline_wall > 0 || r->ctx.traced ? &r->ctx : NULL);
   s->in_hand.reply_due = s->in_hand.ack_due = 0;  /* the thread's now */
   s->in_progress++;
@@ -597,6 +639,7 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   r->started = rpc_now();
   loop_resume(L, T, nargs);
   s->starting = NULL;
+  keep_idle(L, s, idx, top + 1);
   lua_settop(L, top);
 }
 
@@ -1181,6 +1224,8 @@ static int server_new(lua_State *L) {
   lua_setiuservalue(L, idx, UV_HANDLER);
   lua_newtable(L);
   lua_setiuservalue(L, idx, UV_REQUESTS);
+  lua_createtable(L, 3 * IDLE_KEPT, 0);
+  lua_setiuservalue(L, idx, UV_IDLE);
   lua_pushvalue(L, idx);
   lua_pushcclosure(L, message_handler, 1);  /* made once, not per request */
   lua_setiuservalue(L, idx, UV_MSGH);

@@ -225,7 +225,9 @@ local Client = {}
 ---@return rpc.ErrorKind? kind
 function Client:call(body, timeout, callopts) end
 
----Publishes and returns at once with the request's id, for client:wait.
+---Publishes and returns at once with the request's id, for client:wait. While replies the
+---caller has not waited for yet are in hand, the request is queued and written with the next
+---wait (or client:flush, any turn of the loop, close): sends between two reads share a write.
 ---@param body any
 ---@param callopts? rpc.SendOptions
 ---@return string? id
@@ -252,6 +254,12 @@ function Client:call_all(bodies, timeout, callopts) end
 
 ---@return rpc.ClientStats counters
 function Client:stats() end
+
+---Writes the requests send queued (see client:send) now.
+---@return true? ok
+---@return string? message
+---@return rpc.ErrorKind? kind
+function Client:flush() end
 
 ---Idempotent; later calls return nil, "client closed", "closed".
 function Client:close() end
