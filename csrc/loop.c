@@ -24,6 +24,7 @@ struct rpc_loop {
                                 * watches' sockets, which come and go; -1 until asked for */
   int wakefd;                  /* an eventfd in that set: a settled wait of an outside waiter */
   const struct rpc_context *current;  /* of the request thread loop_resume runs, or NULL */
+  int any_due;                 /* UV_DUE may have entries: 0 once a look found it empty */
 };
 
 /* Closes the epoll set with the state (lua_close). */
@@ -61,6 +62,7 @@ struct rpc_loop *loop_get(lua_State *L) {
     loop->interrupts = 0;
     loop->epfd = loop->wakefd = -1;
     loop->current = NULL;
+    loop->any_due = 0;
     lua_createtable(L, 0, 1);
     lua_pushcfunction(L, loop_gc);
     lua_setfield(L, -2, "__gc");
@@ -198,6 +200,7 @@ static void record(lua_State *L, lua_State *T, double due) {
   lua_pushnumber(L, due);
   lua_rawsetp(L, -2, T);
   lua_pop(L, 1);
+  loop_get(L)->any_due = 1;
 }
 
 void loop_unsuspend(lua_State *L) {
@@ -284,17 +287,21 @@ void loop_resume(lua_State *L, lua_State *T, int nargs) {
  * how many; *next gets the earliest due time of those still suspended. */
 static int resume_due(lua_State *L, double now, double *next) {
   lua_State *due[RESUME_BATCH];
-  int n = 0;
+  int n = 0, seen = 0;
   *next = HUGE_VAL;
+  struct rpc_loop *loop = loop_get(L);
+  if (!loop->any_due) return 0;  /* a request's loop turn need not walk an empty table */
   push_table(L, UV_DUE);
   lua_pushnil(L);
   while (lua_next(L, -2)) {
     double at = lua_tonumber(L, -1);
     lua_pop(L, 1);
+    seen = 1;
     if (at <= now && n < RESUME_BATCH) due[n++] = (lua_State *)lua_touserdata(L, -1);
     else if (at < *next) *next = at;
   }
   lua_pop(L, 1);
+  if (!seen) loop->any_due = 0;  /* record sets it again */
   for (int i = 0; i < n; i++) {
     push_table(L, UV_DUE);
     lua_pushnil(L);
