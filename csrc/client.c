@@ -39,6 +39,7 @@ struct rpc_client {
   char expiration[24];   /* milliseconds, as text */
   struct rpc_pending pending;
   size_t kept;          /* calls settled with their outcome kept (keep), not yet taken */
+  double took_at;       /* when a wait last returned an outcome (rpc_now) */
   size_t sweep_at;      /* pending calls at which the next publish sweeps expired sends */
   unsigned char (*swept)[16];  /* a ring of the last SWEPT_KEPT swept ids (NULL until needed) */
   size_t swept_next;
@@ -261,6 +262,7 @@ static int take(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *ca
   const char *kind = call->kind;
   int ref = call->ref, props_ref = call->props_ref;
   if (ref != LUA_NOREF) c->kept--;
+  c->took_at = rpc_now();
   if (call->retryable) memcpy(c->retryable_id, call->id, 16);
   pending_remove(&c->pending, call);
   if (state == CALL_FAILED) lua_pushnil(L);
@@ -348,6 +350,7 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
   }
   const amqp_basic_properties_t *props = state == CALL_REPLIED && call->want_props ? m->props : NULL;
   if (memcmp(id, target, 16) == 0) {
+    c->took_at = rpc_now();
     if (retryable) memcpy(c->retryable_id, id, 16);
     pending_remove(&c->pending, call);
     if (!props) return push_result(L, state, kind, data, len);
@@ -1100,16 +1103,21 @@ static int client_call(lua_State *L) {
   return n ? n : wait_for(L, c, 1, id, rpc_now() + r.timeout, 1);
 }
 
-/* A send made while replies the caller has not taken yet are in hand (kept: it reads them one
- * wait at a time, a ring of sends and waits) is queued, not written: the caller waits again
- * soon, so the sends between two reads go out in one write, before the next wait for input
- * (flush_requests), whoever turns the loop (the queue makes the watch due), flush() or close.
- * It has looked at the connection first, as every send does (ready_to_publish). Never for long
- * or much: DEFER_AFTER, DEFER_MAX. Under TLS conn_queue_publish writes at once. */
+/* A send made right after a wait returned (DEFER_AFTER), while replies the caller has not
+ * taken yet are in hand (kept), is queued, not written: the caller reads them one wait at a
+ * time (a ring of sends and waits) and waits again soon, so the sends between two reads go out
+ * in one write, before the next wait for input (flush_requests), whoever turns the loop (the
+ * queue makes the watch due), flush() or close. A caller that never waits (replies kept for
+ * nobody) is never made to wait. It has looked at the connection first, as every send does
+ * (ready_to_publish). Never for long or much: DEFER_AFTER, DEFER_MAX. Not with publisher
+ * confirms (delivery tags are counted as publishes are made: a queued one a block discards would
+ * shift them). Under TLS conn_queue_publish writes at once. */
 static int may_defer(const struct rpc_client *c, size_t len) {
   const struct rpc_conn *conn = &c->conn;
-  return c->open && c->kept && conn->amqp && !conn->blocked[0] && conn->out.len + len < DEFER_MAX &&
-         (!conn->out.len || rpc_now() - conn->out.since < DEFER_AFTER);
+  if (!c->open || !c->kept || c->confirm || !conn->amqp || conn->blocked[0] || conn->out.len + len >= DEFER_MAX)
+    return 0;
+  double now = rpc_now();
+  return now - c->took_at < DEFER_AFTER && (!conn->out.len || now - conn->out.since < DEFER_AFTER);
 }
 
 /* id = client:send(body [, callopts]): publishes and returns the id to wait for. */
@@ -1298,7 +1306,7 @@ static int client_call_all(lua_State *L) {
     lua_rawgeti(L, 2, i + 1);
     size_t len;
     const char *body = lua_tolstring(L, -1, &len);
-    int defer = i + 1 < n && c->conn.out.len + len < DEFER_MAX;  /* few writes */
+    int defer = i + 1 < n && !c->confirm && c->conn.out.len + len < DEFER_MAX;  /* few writes */
     failed = publish(L, c, 1, &r, body, len, b->ids[i], id_text, 1, defer);
     if (!failed) lua_pop(L, 1);
   }

@@ -23,8 +23,10 @@
 /* user values */
 enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_REQUESTS, UV_CODEC, UV_IDLE, UV_COUNT = UV_IDLE };
 /* UV_REQUESTS: thread -> true for the handler threads under way (they anchor themselves);
- * UV_IDLE: {thread, request, abort function, ...}: finished handler threads, for the next */
-#define IDLE_KEPT 4  /* threads kept: one per request would be most of a request's garbage */
+ * UV_IDLE: {request, abort function, ...}: those of finished handler threads, for the next.
+ * The threads themselves are not reused: a handler may keep coroutine.running() as its
+ * request's identity (a weak table of per-request data, say). */
+#define IDLE_KEPT 4  /* kept: a new pair per request would be most of a request's garbage */
 
 /* What a request's reply and ack need, copied from the delivery: its handler may run on after
  * the message is released (it waits, suspended, while the server takes the next ones). */
@@ -562,22 +564,21 @@ static int request_main(lua_State *T) {
   return request_done(T, status, armed);
 }
 
-/* Pushes a handler thread, its request userdata and its abort function (request_abort): a
- * finished set keep_idle kept, or a new one. Returns the thread. */
+/* Pushes a new handler thread, then a request userdata and its abort function
+ * (request_abort): a pair keep_idle kept, or a new one. Returns the thread. */
 static lua_State *take_idle(lua_State *L, int idx) {
+  lua_State *T = lua_newthread(L);
+  lua_sethook(T, NULL, 0, 0);  /* not a Ctrl-C hook lua.c had set on the creating thread */
   lua_getiuservalue(L, idx, UV_IDLE);
   int idle = lua_gettop(L);
   lua_Integer n = (lua_Integer)lua_rawlen(L, idle);
-  lua_State *T;
-  if (n >= 3) {
-    for (lua_Integer i = n - 2; i <= n; i++) lua_rawgeti(L, idle, i);
-    for (lua_Integer i = n - 2; i <= n; i++) {
+  if (n >= 2) {
+    for (lua_Integer i = n - 1; i <= n; i++) lua_rawgeti(L, idle, i);
+    for (lua_Integer i = n - 1; i <= n; i++) {
       lua_pushnil(L);
       lua_rawseti(L, idle, i);
     }
-    T = lua_tothread(L, idle + 1);
   } else {
-    T = lua_newthread(L);
     lua_newuserdatauv(L, sizeof(struct request), 1);
     lua_pushvalue(L, idx);
     lua_setiuservalue(L, -2, 1);
@@ -585,22 +586,21 @@ static lua_State *take_idle(lua_State *L, int idx) {
     lua_pushcclosure(L, request_abort, 1);
   }
   lua_remove(L, idle);
-  lua_sethook(T, NULL, 0, 0);  /* not a Ctrl-C hook lua.c had set on the creating thread, nor a
-                                * hook an earlier handler set on its own */
   return T;
 }
 
 /* The thread at t (its request and abort function above it) ran its request to the end, here:
- * kept for another, unless enough are or it ended otherwise (suspended, dead by an error). */
+ * the pair is kept for another request, unless enough are or the thread ended otherwise
+ * (suspended, or dead by an error: its abort function may still run). */
 static void keep_idle(lua_State *L, struct rpc_server *s, int idx, int t) {
   lua_State *T = lua_tothread(L, t);
   lua_Debug ar;
   if (!s->open || lua_status(T) != LUA_OK || lua_gettop(T) != 0 || lua_getstack(T, 0, &ar)) return;
   lua_getiuservalue(L, idx, UV_IDLE);
   lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
-  for (int i = 0; i < 3 && n < 3 * IDLE_KEPT; i++) {
+  for (int i = 1; i <= 2 && n < 2 * IDLE_KEPT; i++) {
     lua_pushvalue(L, t + i);
-    lua_rawseti(L, -2, n + 1 + i);
+    lua_rawseti(L, -2, n + i);
   }
   lua_pop(L, 1);
 }
@@ -1224,7 +1224,7 @@ static int server_new(lua_State *L) {
   lua_setiuservalue(L, idx, UV_HANDLER);
   lua_newtable(L);
   lua_setiuservalue(L, idx, UV_REQUESTS);
-  lua_createtable(L, 3 * IDLE_KEPT, 0);
+  lua_createtable(L, 2 * IDLE_KEPT, 0);
   lua_setiuservalue(L, idx, UV_IDLE);
   lua_pushvalue(L, idx);
   lua_pushcclosure(L, message_handler, 1);  /* made once, not per request */
