@@ -133,31 +133,36 @@ static int push_object(lua_State *L, const struct rpc_watch *w) {
 
 /* ---- the scheduler: request threads, suspended in their waits, resumed when woken or due ---- */
 
+/* (one look-up of the loop for both tables: this runs for every request) */
 void loop_own(lua_State *L, int idx, const struct rpc_context *ctx) {
   idx = lua_absindex(L, idx);
-  push_table(L, UV_OWNED);
+  push_loop(L);
+  lua_getiuservalue(L, -1, UV_OWNED);
   lua_pushvalue(L, idx);
-  lua_pushvalue(L, -3);
-  lua_rawset(L, -3);
-  lua_pop(L, 2);
-  if (!ctx) return;
-  push_table(L, UV_CONTEXT);
-  lua_pushvalue(L, idx);
-  lua_pushlightuserdata(L, (void *)ctx);
+  lua_pushvalue(L, -4);  /* the abort function */
   lua_rawset(L, -3);
   lua_pop(L, 1);
+  if (ctx) {
+    lua_getiuservalue(L, -1, UV_CONTEXT);
+    lua_pushvalue(L, idx);
+    lua_pushlightuserdata(L, (void *)ctx);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 2);
 }
 
 /* Forgets the thread on top of L's stack (popped) as owned. */
 static void forget_owned(lua_State *L) {
+  push_loop(L);
   for (int uv = UV_OWNED; uv <= UV_CONTEXT; uv++) {
-    push_table(L, uv);
-    lua_pushvalue(L, -2);
+    lua_getiuservalue(L, -1, uv);
+    lua_pushvalue(L, -3);
     lua_pushnil(L);
     lua_rawset(L, -3);
     lua_pop(L, 1);
   }
-  lua_pop(L, 1);
+  lua_pop(L, 2);
 }
 
 void loop_disown(lua_State *L) {
