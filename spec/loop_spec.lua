@@ -106,7 +106,8 @@ describe("the wait loop", function()
     waiting = true
     local reply, message, kind = client:wait(ids[100], 5)  -- keeps the 99 others' replies first
     waiting = false
-    assert.is_true(closed_during_wait, "the finalizer did not run during the wait: " .. tostring(where))
+    assert.is_true(closed_during_wait, ("the finalizer did not run during the wait: %s (GC running: %s, reply %s, %s)")
+      :format(tostring(where), tostring(collectgarbage("isrunning")), tostring(reply), tostring(kind)))
     assert.is_nil(reply)
     assert.equal("closed", kind, message)
     assert.equal("closed", select(3, client:call("x")))
