@@ -84,7 +84,7 @@ int pending_parse_id(const char *text, size_t len, unsigned char id[16]) {
   for (int n = 0; n < 16; n++) {
     int high = hex_values[(unsigned char)text[starts[n]]], low = hex_values[(unsigned char)text[starts[n] + 1]];
     bad |= high | low;  /* -1 has every bit */
-    id[n] = (unsigned char)(high << 4 | low);
+    id[n] = (unsigned char)((unsigned)high << 4 | (unsigned)low);  /* a bad digit: reported below */
   }
   return bad >= 0;
 }

@@ -16,10 +16,10 @@ server:close()
 
 -- A client whose connection holds an unread reply: a and b are answered while it sleeps (not
 -- reading), then the wait for a reads both in one read and leaves b's in the buffer.
-local function client_with_a_reply_unread(T)
+local function client_with_a_reply_unread(T, opts)
   local queue = H.queue("coalesce")
   local child = T:spawn {code = CHILD_CLOCK, queue = queue}:wait_ready()
-  local client = T:client(queue)
+  local client = T:client(queue, opts)
   local a, b = client:send("a"), client:send("b")
   H.wait_until(function() return child:output():find("got b") end, 5, "the server to get b")
   H.sleep(0.3)  -- both replies are in the client's socket
@@ -112,13 +112,7 @@ describe("client:send while replies wait unread", function()
 
   it("is written at once with publisher confirms", function()
     local T = H.scope(finally)
-    local queue = H.queue("coalesce-confirm")
-    local child = T:spawn {code = CHILD_CLOCK, queue = queue}:wait_ready()
-    local client = T:client(queue, {confirm = true})
-    local a, b = client:send("a"), client:send("b")
-    H.wait_until(function() return child:output():find("got b") end, 5, "the server to get b")
-    H.sleep(0.3)
-    assert.is_string(client:wait(a, 5))
+    local client, b = client_with_a_reply_unread(T, {confirm = true})
     local delay = send_then(client, function() H.sleep(0.4) end)
     assert.is_true(delay < 0.2, ("the server got c %.3f s after the send"):format(delay))
     assert.is_string(client:wait(b, 5))
