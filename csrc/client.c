@@ -413,8 +413,39 @@ static int read_replies(lua_State *L, struct rpc_client *c, int idx, const unsig
   return -1;
 }
 
+/* A request queued by send (may_defer) whose call ends before it is written (timed out,
+ * forgotten) is taken out of the queue: written later, it would reach a server after its caller
+ * gave up (its expiration counts from when the broker gets it). Runs no Lua code. */
+static void unqueue(struct rpc_client *c, struct rpc_call *call) {
+  struct rpc_out *o = &c->conn.out;
+  size_t at = call->queued_at, len = call->queued_len;
+  call->queued_len = 0;
+  if (!len || call->queued_in != o->emptied) return;  /* written or dropped since */
+  memmove(o->buf + at, o->buf + at + len, o->len - at - len);
+  o->len -= len;
+  for (size_t i = 0; i < c->pending.cap; i++) {
+    struct rpc_call *other = &c->pending.slots[i];
+    if (other->used && other->queued_len && other->queued_in == o->emptied && other->queued_at > at)
+      other->queued_at -= len;
+  }
+}
+
+/* Before the queue is written: the queued requests whose calls' deadlines have passed (their
+ * caller was away longer than they had) are taken out. Only a queue older than DEFER_AFTER can
+ * hold one: a ring of sends and waits writes its queue within microseconds. */
+static void unqueue_expired(struct rpc_client *c) {
+  if (!c->conn.out.len) return;
+  double now = rpc_now();
+  if (now - c->conn.out.since < DEFER_AFTER) return;
+  for (size_t i = 0; i < c->pending.cap; i++) {
+    struct rpc_call *call = &c->pending.slots[i];
+    if (call->used && call->queued_len && call->deadline <= now) unqueue(c, call);
+  }
+}
+
 /* Forgets a call that nobody will take: its kept outcome, if any, is discarded and counted. */
 static void forget_call(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
+  unqueue(c, call);
   if (call->ref != LUA_NOREF) {
     c->kept--;
     lua_getiuservalue(L, idx, UV_OUTCOMES);
@@ -451,6 +482,7 @@ static int was_swept(const struct rpc_client *c, const unsigned char id[16]) {
 /* The call's wait ended without a reply: it is forgotten (a late reply is discarded). */
 static int timed_out(lua_State *L, struct rpc_client *c, struct rpc_call *call) {
   double seconds = call->timeout;
+  unqueue(c, call);
   pending_remove(&c->pending, call);
   c->stats.timeouts++;
   char text[400];
@@ -464,7 +496,9 @@ static int timed_out(lua_State *L, struct rpc_client *c, struct rpc_call *call) 
  * out in part). Not while a reply is in hand: the loss would release it. */
 static int flush_requests(struct rpc_client *c, double limit) {
   if (!c->open || c->reading || !c->conn.out.len || conn_has_input(&c->conn)) return 0;
-  return conn_flush(&c->conn, c->timeout, fmin(fmax(c->timeout, 1) + 1, fmax(limit, 0.05)));
+  unqueue_expired(c);
+  /* a stalled broker holds it at most the waiter's time (at least 1 s, README's slack) */
+  return conn_flush(&c->conn, c->timeout, fmin(fmax(c->timeout, 1) + 1, fmax(limit, 1)));
 }
 
 /* One look at call id, waited for in a handler thread until call->wait_deadline: its result
@@ -541,8 +575,12 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
     /* Ctrl-C seen here (it may have come while a handler ran to its end in its own thread,
      * where lua.c's hook does not reach), or taken by a handler this wait ran */
     if (lua_gethook(L) != hook || loop_interrupts(c->loop) != interrupts) {
-      if (call->ref != LUA_NOREF) forget_call(L, c, idx, call);
-      else pending_remove(&c->pending, call);
+      if (call->ref != LUA_NOREF) {
+        forget_call(L, c, idx, call);
+      } else {
+        unqueue(c, call);
+        pending_remove(&c->pending, call);
+      }
       return rpc_fail(L, "interrupted", "interrupted while waiting for a reply");
     }
     if (call->state != CALL_WAITING) return take(L, c, idx, call);  /* settled meanwhile */
@@ -559,7 +597,7 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
       continue;  /* a finalizer may have closed it; another reply may have settled it */
     }
     if (rpc_now() >= deadline) return timed_out(L, c, call);
-    if (flush_requests(c, HUGE_VAL)) {  /* (all read by now) lost: reading fails the calls */
+    if (flush_requests(c, deadline - rpc_now())) {  /* (all read by now) lost: reading fails the calls */
       ready = 1;
       continue;
     }
@@ -823,8 +861,15 @@ static int publish_once(lua_State *L, struct rpc_client *c, int idx, struct requ
     call->one_queue = r->exchange.len == 0;
     /* mandatory: an unroutable request comes back as basic.return and fails the call at once */
     amqp_bytes_t bytes = {len, (void *)body};
+    unqueue_expired(c);  /* this publish writes the queue, or joins it */
+    size_t at = c->conn.out.len;
     int st = defer && tries == 1 ? conn_queue_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props, bytes, r->timeout) : -2;
     if (st == -2) st = conn_publish(&c->conn, r->exchange, r->routing_key, 1, &r->props, bytes, r->timeout);
+    if (!st && c->conn.out.len > at) {  /* queued (plain TCP): where, until written */
+      call->queued_at = at;
+      call->queued_len = c->conn.out.len - at;
+      call->queued_in = c->conn.out.emptied;
+    }
     if (!st) return 0;
     pending_remove(&c->pending, call);
     fail_all(L, c, idx, c->conn.error_kind, c->conn.error);
@@ -1344,6 +1389,7 @@ static int client_close(lua_State *L) {
     if (c->pending.slots[i].used && c->pending.slots[i].waiter) loop_wake(L, c->pending.slots[i].waiter);
   if (c->loop) loop_remove(L, c->loop, &c->watch);
   c->loop = NULL;
+  unqueue_expired(c);  /* the rest of the queue is written by conn_free */
   pending_free(&c->pending);
   c->kept = 0;
   free(c->swept);

@@ -158,6 +158,7 @@ int frames_write(struct rpc_out *o, int fd, double stall, double budget) {
 
 void frames_discard(struct rpc_out *o) {
   o->len = 0;
+  o->emptied++;
   if (o->cap > KEEP_OUT) frames_free(o);
 }
 

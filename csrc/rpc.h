@@ -111,6 +111,7 @@ struct rpc_out {
   unsigned char *buf;
   size_t len, cap;
   double since;                 /* when the oldest buffered frame was queued */
+  unsigned long emptied;        /* times written or dropped: what was queued before is gone */
 };
 int frames_publish(struct rpc_out *o, amqp_bytes_t exchange, amqp_bytes_t routing_key, int mandatory,
                    const amqp_basic_properties_t *props, amqp_bytes_t body, size_t frame_max);
@@ -261,6 +262,8 @@ struct rpc_call {
   double timeout, deadline;     /* of send(): wait()'s defaults; the timeout is for messages */
   double published;             /* when its request went out (rpc_now): its reply's latency */
   uint64_t seq;                 /* its publish's number, for publisher confirms */
+  size_t queued_at, queued_len; /* its request, while still queued in the connection's out */
+  unsigned long queued_in;      /* (that is, while out.emptied is this) */
 };
 
 struct rpc_pending {

@@ -118,6 +118,34 @@ describe("client:send while replies wait unread", function()
     assert.is_string(client:wait(b, 5))
   end)
 
+  it("is never written once its call has ended (timed out while queued)", function()
+    local T = H.scope(finally)
+    local rpc = require "rpc"
+    local queue = H.queue("coalesce-stale")
+    local conn = assert(rpc.connect(H.opts()))
+    T:defer(function() conn:close() end)
+    assert(conn:declare_queue(queue, {auto_delete = true}))
+    assert(conn:consume(queue, {ack = false}))
+    local client = T:client(queue, {timeout = 1})
+    local a, b = client:send("a"), client:send("b")
+    for _ = 1, 2 do  -- a plain consumer: it answers, and would show any request that comes
+      local msg = assert(conn:receive(5))
+      assert(conn:publish("", msg.reply_to, "r" .. msg.body, {correlation_id = msg.correlation_id}))
+    end
+    H.sleep(0.3)
+    assert.equal("ra", client:wait(a, 5))
+    local late = assert(client:send("late"))  -- queued: b's reply is in hand
+    H.sleep(1.3)  -- away from the library past the send's 1 s timeout
+    assert.equal("rb", client:wait(b, 5))
+    local reply, _, kind = client:wait(late)
+    assert.is_nil(reply)
+    assert.equal("timeout", kind)
+    assert.is_true(client:flush())
+    local got, _, why = conn:receive(0.5)
+    assert.is_nil(got and got.body, "a request whose call had timed out reached the queue")
+    assert.equal("timeout", why)
+  end)
+
   it("is written at once when nothing waits unread", function()
     local T = H.scope(finally)
     local queue = H.queue("coalesce-none")
