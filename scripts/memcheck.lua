@@ -149,6 +149,24 @@ do  -- deadlines, traces, retries, latency figures, expired and poisoned request
   outer:close()
   inner:close()
 end
+do  -- coalesced sends: a ring of sends and waits (queued sends), flush, a send queued at close
+  local ring = assert(rpc.client(q))
+  local ids = {}
+  for i = 1, 20 do ids[i] = assert(ring:send("r" .. i)) end
+  for i = 1, calls do
+    local k = (i - 1) % 20 + 1
+    local reply, _, kind = ring:wait(ids[k])  -- within the send's own timeout
+    assert(reply or kind == "timeout")
+    ids[k] = assert(ring:send("r" .. i, {timeout = i % 7 == 0 and 0.001 or 5}))  -- some expire queued
+  end
+  assert(ring:flush())
+  for k = 1, 20 do ring:wait(ids[k]) end
+  local x, y = assert(ring:send("x")), assert(ring:send("y"))
+  assert(ring:wait(x, 5))
+  assert(ring:send("at close"))
+  ring:close()
+  assert(y)
+end
 server:close()
 rpc.server(q .. "-gc", function() return "" end, {auto_delete = true})  -- left open: freed by lua_close
 print("memcheck: done")
