@@ -886,7 +886,9 @@ static int publish(lua_State *L, struct rpc_client *c, int idx, struct request *
   if (len > c->conn.max_body) return too_large(L, c, len);
   if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
   double now = rpc_now(), deadline = fmin(now + r->timeout, r->until);
-  if (deadline - now < 0.001) {  /* a reconnect took the time its request had left */
+  /* a reconnect took the time its request had left (not deadline - now: a 0.001 s timeout
+   * would round below 0.001 one time in two) */
+  if (r->until - now < 0.001) {
     c->stats.calls++;
     c->stats.timeouts++;
     return rpc_fail(L, "timeout", "the request being served is past its deadline: no time left to call");

@@ -196,4 +196,13 @@ describe("deadlines", function()
     assert.same({"epoch", "hex", "junk", "negative", "seconds", "skewed", "text"}, ran)
     assert.equal(2, server:stats().expired)
   end)
+
+  it("publishes a send with the smallest timeout (0.001 s) outside a handler, every time", function()
+    local T = H.scope(finally)
+    local client = T:client(H.queue("dl-smallest"))
+    for i = 1, 200 do  -- once, now + 0.001 - now rounded below 0.001 about one time in two
+      local id, message, kind = client:send("x", {timeout = 0.001})
+      assert.is_string(id, ("send %d: %s (%s)"):format(i, tostring(message), tostring(kind)))
+    end
+  end)
 end)
