@@ -421,8 +421,7 @@ static void unqueue(struct rpc_client *c, struct rpc_call *call) {
   size_t at = call->queued_at, len = call->queued_len;
   call->queued_len = 0;
   if (!len || call->queued_in != o->emptied) return;  /* written or dropped since */
-  memmove(o->buf + at, o->buf + at + len, o->len - at - len);
-  o->len -= len;
+  frames_cut(o, at, len);
   for (size_t i = 0; i < c->pending.cap; i++) {
     struct rpc_call *other = &c->pending.slots[i];
     if (other->used && other->queued_len && other->queued_in == o->emptied && other->queued_at > at)

@@ -156,6 +156,12 @@ int frames_write(struct rpc_out *o, int fd, double stall, double budget) {
   return st;
 }
 
+/* Takes out the len bytes queued at at (whole frames: a request whose call ended unwritten). */
+void frames_cut(struct rpc_out *o, size_t at, size_t len) {
+  memmove(o->buf + at, o->buf + at + len, o->len - at - len);
+  o->len -= len;
+}
+
 void frames_discard(struct rpc_out *o) {
   o->len = 0;
   o->emptied++;

@@ -118,6 +118,7 @@ int frames_publish(struct rpc_out *o, amqp_bytes_t exchange, amqp_bytes_t routin
 int frames_ack(struct rpc_out *o, uint64_t tag, int multiple);
 int frames_reject(struct rpc_out *o, uint64_t tag, int requeue);
 int frames_write(struct rpc_out *o, int fd, double stall, double budget);
+void frames_cut(struct rpc_out *o, size_t at, size_t len);
 void frames_discard(struct rpc_out *o);
 void frames_free(struct rpc_out *o);
 
