@@ -149,8 +149,8 @@ describe("poison requests", function()
   end)
 
   it("a redelivered request that is not poison (one crash) is answered normally", function()
+    local T = H.scope(finally)  -- one for both cases: busted keeps a test's last finally only
     for _, case in ipairs {{"classic", "", "true 2 nil"}, {"quorum", QUORUM, "true nil 1"}} do
-      local T = H.scope(finally)
       local queue = H.queue("once-" .. case[1])
       local log = H.tmpdir() .. "/" .. queue .. ".runs"
       local env = {SPEC_LOG = log, SPEC_OPTS = case[2], SPEC_CRASHES = "1"}
