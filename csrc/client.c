@@ -17,7 +17,8 @@
 #define SWEEP_MIN 64  /* pending calls before the first sweep for sends nobody waits for */
 #define SWEPT_KEPT 1024  /* ids of swept sends remembered, so that a late wait says timeout */
 #define DEFER_MAX (64 * 1024)  /* queued sends' bytes: a larger queue is written at once */
-#define DEFER_AFTER 0.001      /* a send this long after the oldest queued one writes them all */
+#define DEFER_AFTER 0.001      /* queued only this soon after a wait returned, and after the
+                                * oldest queued send: later, the send writes them all */
 
 enum reply_mode { REPLY_DIRECT, REPLY_EXCLUSIVE, REPLY_NAMED };
 
@@ -255,6 +256,28 @@ static int decoded(lua_State *L, struct rpc_client *c, int idx, int n) {
   return 3;
 }
 
+/* A request queued by send (may_defer) whose call ends before it is written (timed out,
+ * forgotten) is taken out of the queue: written later, it would reach a server after its caller
+ * gave up (its expiration counts from when the broker gets it). Runs no Lua code. */
+static void unqueue(struct rpc_client *c, struct rpc_call *call) {
+  struct rpc_out *o = &c->conn.out;
+  size_t at = call->queued_at, len = call->queued_len;
+  call->queued_len = 0;
+  if (!len || call->queued_in != o->emptied) return;  /* written or dropped since */
+  frames_cut(o, at, len);
+  for (size_t i = 0; i < c->pending.cap; i++) {
+    struct rpc_call *other = &c->pending.slots[i];
+    if (other->used && other->queued_len && other->queued_in == o->emptied && other->queued_at > at)
+      other->queued_at -= len;
+  }
+}
+
+/* Every call leaves the pending table here: one whose request is still queued takes it along. */
+static void remove_call(struct rpc_client *c, struct rpc_call *call) {
+  unqueue(c, call);
+  pending_remove(&c->pending, call);
+}
+
 /* Pushes a settled call's result (reply [, properties], or nil, message, kind) and forgets the
  * call. */
 static int take(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
@@ -264,7 +287,7 @@ static int take(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *ca
   if (ref != LUA_NOREF) c->kept--;
   c->took_at = rpc_now();
   if (call->retryable) memcpy(c->retryable_id, call->id, 16);
-  pending_remove(&c->pending, call);
+  remove_call(c, call);
   if (state == CALL_FAILED) lua_pushnil(L);
   lua_getiuservalue(L, idx, UV_OUTCOMES);
   int outcomes = lua_gettop(L);
@@ -352,7 +375,7 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
   if (memcmp(id, target, 16) == 0) {
     c->took_at = rpc_now();
     if (retryable) memcpy(c->retryable_id, id, 16);
-    pending_remove(&c->pending, call);
+    remove_call(c, call);
     if (!props) return push_result(L, state, kind, data, len);
     rpc_codec_push_properties(L, props);  /* before the body, which is read before any finalizer */
     push_result(L, state, kind, data, len);
@@ -413,22 +436,6 @@ static int read_replies(lua_State *L, struct rpc_client *c, int idx, const unsig
   return -1;
 }
 
-/* A request queued by send (may_defer) whose call ends before it is written (timed out,
- * forgotten) is taken out of the queue: written later, it would reach a server after its caller
- * gave up (its expiration counts from when the broker gets it). Runs no Lua code. */
-static void unqueue(struct rpc_client *c, struct rpc_call *call) {
-  struct rpc_out *o = &c->conn.out;
-  size_t at = call->queued_at, len = call->queued_len;
-  call->queued_len = 0;
-  if (!len || call->queued_in != o->emptied) return;  /* written or dropped since */
-  frames_cut(o, at, len);
-  for (size_t i = 0; i < c->pending.cap; i++) {
-    struct rpc_call *other = &c->pending.slots[i];
-    if (other->used && other->queued_len && other->queued_in == o->emptied && other->queued_at > at)
-      other->queued_at -= len;
-  }
-}
-
 /* Before the queue is written: the queued requests whose calls' deadlines have passed (their
  * caller was away longer than they had) are taken out. Only a queue older than DEFER_AFTER can
  * hold one: a ring of sends and waits writes its queue within microseconds. */
@@ -444,7 +451,6 @@ static void unqueue_expired(struct rpc_client *c) {
 
 /* Forgets a call that nobody will take: its kept outcome, if any, is discarded and counted. */
 static void forget_call(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
-  unqueue(c, call);
   if (call->ref != LUA_NOREF) {
     c->kept--;
     lua_getiuservalue(L, idx, UV_OUTCOMES);
@@ -453,7 +459,7 @@ static void forget_call(lua_State *L, struct rpc_client *c, int idx, struct rpc_
     lua_pop(L, 1);
     c->stats.discarded++;
   }
-  pending_remove(&c->pending, call);
+  remove_call(c, call);
 }
 
 /* Sends nobody waited for are dropped once their deadline has passed: their slots and kept
@@ -481,8 +487,7 @@ static int was_swept(const struct rpc_client *c, const unsigned char id[16]) {
 /* The call's wait ended without a reply: it is forgotten (a late reply is discarded). */
 static int timed_out(lua_State *L, struct rpc_client *c, struct rpc_call *call) {
   double seconds = call->timeout;
-  unqueue(c, call);
-  pending_remove(&c->pending, call);
+  remove_call(c, call);
   c->stats.timeouts++;
   char text[400];
   snprintf(text, sizeof text, "no reply from queue '%s' within %.4g s", c->queue, seconds);
@@ -574,12 +579,8 @@ static int wait_for(lua_State *L, struct rpc_client *c, int idx, const unsigned 
     /* Ctrl-C seen here (it may have come while a handler ran to its end in its own thread,
      * where lua.c's hook does not reach), or taken by a handler this wait ran */
     if (lua_gethook(L) != hook || loop_interrupts(c->loop) != interrupts) {
-      if (call->ref != LUA_NOREF) {
-        forget_call(L, c, idx, call);
-      } else {
-        unqueue(c, call);
-        pending_remove(&c->pending, call);
-      }
+      if (call->ref != LUA_NOREF) forget_call(L, c, idx, call);
+      else remove_call(c, call);
       return rpc_fail(L, "interrupted", "interrupted while waiting for a reply");
     }
     if (call->state != CALL_WAITING) return take(L, c, idx, call);  /* settled meanwhile */
@@ -870,7 +871,7 @@ static int publish_once(lua_State *L, struct rpc_client *c, int idx, struct requ
       call->queued_in = c->conn.out.emptied;
     }
     if (!st) return 0;
-    pending_remove(&c->pending, call);
+    remove_call(c, call);
     fail_all(L, c, idx, c->conn.error_kind, c->conn.error);
     if (!c->open) return rpc_fail(L, "closed", "client closed");  /* by a finalizer meanwhile */
     if (tries > 1 || rpc_now() >= deadline) return rpc_fail(L, c->conn.error_kind, c->conn.error);
@@ -1063,9 +1064,9 @@ static int retry_run(lua_State *L, enum retry_how how) {
         if (how == RETRY_OUTSIDE) return loop_yield_outside(L, 0, t->due - rpc_now(), how, retry_k);
         /* its own connection read too (heartbeats, replies for others), and the other watches'
          * reconnects bounded by the call's deadline, as wait_for does */
-        int lost = flush_requests(c, t->deadline - rpc_now());  /* sends queued before this call */
-        if ((lost || loop_wait(L, c->loop, &c->conn, t->due)) && c->open && (lost || conn_should_read(&c->conn)) &&
-            read_replies(L, c, 1, nobody) < 0) {
+        int read = flush_requests(c, t->deadline - rpc_now())  /* sends queued before: lost, read */
+                       || (loop_wait(L, c->loop, &c->conn, t->due) && c->open && conn_should_read(&c->conn));
+        if (read && c->open && read_replies(L, c, 1, nobody) < 0) {
           if (!loop_took_interrupt(L, c->loop)) return lua_error(L);
           return rpc_fail(L, "interrupted", "interrupted while waiting to retry");
         }

@@ -565,8 +565,8 @@ static int request_main(lua_State *T) {
 }
 
 /* Pushes a new handler thread, then a request userdata and its abort function
- * (request_abort): a pair keep_idle kept, or a new one. Returns the thread. */
-static lua_State *take_idle(lua_State *L, int idx) {
+ * (request_abort): a pair keep_for_next kept, or a new one. Returns the thread. */
+static lua_State *handler_thread(lua_State *L, int idx) {
   lua_State *T = lua_newthread(L);
   lua_sethook(T, NULL, 0, 0);  /* not a Ctrl-C hook lua.c had set on the creating thread */
   lua_getiuservalue(L, idx, UV_IDLE);
@@ -592,7 +592,7 @@ static lua_State *take_idle(lua_State *L, int idx) {
 /* The thread at t (its request and abort function above it) ran its request to the end, here:
  * the pair is kept for another request, unless enough are or the thread ended otherwise
  * (suspended, or dead by an error: its abort function may still run). */
-static void keep_idle(lua_State *L, struct rpc_server *s, int idx, int t) {
+static void keep_for_next(lua_State *L, struct rpc_server *s, int idx, int t) {
   lua_State *T = lua_tothread(L, t);
   lua_Debug ar;
   if (!s->open || lua_status(T) != LUA_OK || lua_gettop(T) != 0 || lua_getstack(T, 0, &ar)) return;
@@ -610,7 +610,7 @@ static void keep_idle(lua_State *L, struct rpc_server *s, int idx, int t) {
 static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   const struct rpc_message *m = &s->conn.msg;
   int top = lua_gettop(L);
-  lua_State *T = take_idle(L, idx);  /* top + 1, its request top + 2, its abort function top + 3 */
+  lua_State *T = handler_thread(L, idx);  /* top + 1, its request top + 2, its abort function top + 3 */
   struct request *r = lua_touserdata(L, top + 2);
   *r = s->in_hand;
   lua_pushcfunction(L, request_main);
@@ -639,7 +639,7 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   r->started = rpc_now();
   loop_resume(L, T, nargs);
   s->starting = NULL;
-  keep_idle(L, s, idx, top + 1);
+  keep_for_next(L, s, idx, top + 1);
   lua_settop(L, top);
 }
 
