@@ -591,7 +591,8 @@ static lua_State *handler_thread(lua_State *L, int idx) {
 
 /* The thread at t (its request and abort function above it) ran its request to the end, here:
  * the pair is kept for another request, unless enough are or the thread ended otherwise
- * (suspended, or dead by an error: its abort function may still run). */
+ * (suspended, or dead by an error: its abort function may still run). Ended normally, it ran
+ * request_done, whose loop_disown took the pair out of the loop's tables. */
 static void keep_for_next(lua_State *L, struct rpc_server *s, int idx, int t) {
   lua_State *T = lua_tothread(L, t);
   lua_Debug ar;
