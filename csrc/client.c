@@ -754,7 +754,7 @@ static int too_large(lua_State *L, const struct rpc_client *c, size_t len) {
  * once (its caller has given up), else r's timeout is cut to it. Returns 0, or pushes the
  * failure. */
 static int within_deadline(lua_State *L, struct rpc_client *c, struct request *r) {
-  r->ctx = loop_context(L);
+  r->ctx = loop_context(c->loop);
   r->until = HUGE_VAL;
   if (!c->open || !r->ctx || r->ctx->deadline_wall <= 0) return 0;  /* closed: said next */
   r->until = r->ctx->deadline;
@@ -977,7 +977,7 @@ static int retry_publish(lua_State *L, struct rpc_client *c, struct retry *t, in
   unsigned char *slot = lua_newuserdatauv(L, 16, 0);
   r.timeout = fmax(t->deadline - rpc_now(), 0.001);
   read_request(L, c, 4, call_options, &r);
-  r.ctx = loop_context(L);  /* the served request's, if any: its trace (its deadline is in t's) */
+  r.ctx = loop_context(c->loop);  /* the served request's, if any: its trace (its deadline is in t's) */
   size_t len;
   const char *body = lua_tolstring(L, 2, &len);
   if (len > c->conn.max_body) return too_large(L, c, len);

@@ -32,7 +32,7 @@ static int core_now(lua_State *L) {
 /* rpc.remaining(): seconds left before the deadline of the request whose handler runs this
  * (0 once past), or nil: not in a handler, or the request has no deadline. */
 static int core_remaining(lua_State *L) {
-  const struct rpc_context *ctx = loop_context(L);
+  const struct rpc_context *ctx = loop_context(loop_get(L));
   if (!ctx || ctx->deadline_wall <= 0) {
     lua_pushnil(L);
     return 1;

@@ -23,7 +23,9 @@ struct rpc_loop {
   int epfd;                    /* the state's one pollfd for outside loops: an epoll set of the
                                 * watches' sockets, which come and go; -1 until asked for */
   int wakefd;                  /* an eventfd in that set: a settled wait of an outside waiter */
-  const struct rpc_context *current;  /* of the request thread loop_resume runs, or NULL */
+  const struct rpc_context *current;  /* of the request thread being run, or NULL */
+  lua_State *starting;         /* the request thread loop_start runs: owned, though not yet in
+                                * UV_OWNED (only a thread that suspends is recorded there) */
   int any_due;                 /* UV_DUE may have entries: 0 once a look found it empty */
 };
 
@@ -43,9 +45,9 @@ static const char LOOP_KEY = 'L';  /* its address keys the loop in the registry 
  * UV_WEAK: watch -> its object, not kept alive (clients: collected when dropped);
  * UV_SUSPENDED: thread -> the thread, while it waits (lua_yieldk) for a wake or its due time;
  * UV_DUE: thread -> when to resume it (0 once woken);
- * UV_OWNED: thread -> its abort function, for the threads the scheduler runs (requests): those
- *   may suspend; weak keys, so a collected thread takes its entry along;
- * UV_CONTEXT: thread -> its request's context (light userdata), for the owned threads that have
+ * UV_OWNED: thread -> its abort function, for the threads the scheduler runs (requests) once
+ *   they have suspended; weak keys, so a collected thread takes its entry along;
+ * UV_CONTEXT: thread -> its request's context (light userdata), for those of them that have
  *   one; weak keys;
  * UV_OUTSIDE: an outside scheduler's yield protocol (rpc.cqueues), or nil: {marker, running}. */
 enum { UV_ANCHORS = 1, UV_WEAK, UV_SUSPENDED, UV_DUE, UV_OWNED, UV_CONTEXT, UV_OUTSIDE, UV_COUNT = UV_OUTSIDE };
@@ -62,6 +64,7 @@ struct rpc_loop *loop_get(lua_State *L) {
     loop->interrupts = 0;
     loop->epfd = loop->wakefd = -1;
     loop->current = NULL;
+    loop->starting = NULL;
     loop->any_due = 0;
     lua_createtable(L, 0, 1);
     lua_pushcfunction(L, loop_gc);
@@ -133,13 +136,12 @@ static int push_object(lua_State *L, const struct rpc_watch *w) {
 
 /* ---- the scheduler: request threads, suspended in their waits, resumed when woken or due ---- */
 
-/* (one look-up of the loop for both tables: this runs for every request) */
-void loop_own(lua_State *L, int idx, const struct rpc_context *ctx) {
-  idx = lua_absindex(L, idx);
+/* Records T (its value at idx) as owned, with its abort function (at abort) and context. */
+static void own(lua_State *L, int idx, int abort, const struct rpc_context *ctx) {
   push_loop(L);
   lua_getiuservalue(L, -1, UV_OWNED);
   lua_pushvalue(L, idx);
-  lua_pushvalue(L, -4);  /* the abort function */
+  lua_pushvalue(L, abort);
   lua_rawset(L, -3);
   lua_pop(L, 1);
   if (ctx) {
@@ -149,7 +151,7 @@ void loop_own(lua_State *L, int idx, const struct rpc_context *ctx) {
     lua_rawset(L, -3);
     lua_pop(L, 1);
   }
-  lua_pop(L, 2);
+  lua_pop(L, 1);
 }
 
 /* Forgets the thread on top of L's stack (popped) as owned. */
@@ -170,8 +172,8 @@ void loop_disown(lua_State *L) {
   forget_owned(L);
 }
 
-const struct rpc_context *loop_context(lua_State *L) {
-  return loop_get(L)->current;
+const struct rpc_context *loop_context(const struct rpc_loop *loop) {
+  return loop ? loop->current : NULL;
 }
 
 /* T's request context, or NULL. */
@@ -186,6 +188,7 @@ static const struct rpc_context *context_of(lua_State *L, lua_State *T) {
 
 int loop_can_suspend(lua_State *L) {
   if (!lua_isyieldable(L)) return 0;
+  if (L == loop_get(L)->starting) return 1;
   push_table(L, UV_OWNED);
   lua_pushthread(L);
   int owned = lua_rawget(L, -2) != LUA_TNIL;
@@ -247,17 +250,13 @@ void loop_wake_all(lua_State *L) {
   lua_pop(L, 1);
 }
 
-/* Resumes T (nargs values on its stack). A thread that yields without suspending itself (a bare
- * coroutine.yield() in a handler) gives the others a turn: it is due again at once. A thread
- * that ends, with results or an error (never for a request: its function catches everything),
- * is left to the collector. */
-void loop_resume(lua_State *L, lua_State *T, int nargs) {
-  int nres = 0;
-  struct rpc_loop *loop = loop_get(L);
-  const struct rpc_context *outer = loop->current;
-  loop->current = context_of(L, T);
-  int status = lua_resume(T, L, nargs, &nres);
-  loop->current = outer;
+/* After T's resume returned status with nres results: a thread that yields without suspending
+ * itself (a bare coroutine.yield() in a handler) gives the others a turn: it is due again at
+ * once. A thread that ends, with results or an error (never for a request: its function
+ * catches everything), is left to the collector; one that died outside its own protection
+ * (closed by a script, no memory, a C stack overflow) is its owner's to answer for: its abort
+ * function, at abort (0: look it up), is called with the error and the thread. */
+static void resumed(lua_State *L, lua_State *T, int status, int nres, int abort) {
   if (status == LUA_YIELD) {
     lua_pop(T, nres);
     push_table(L, UV_DUE);
@@ -266,8 +265,13 @@ void loop_resume(lua_State *L, lua_State *T, int nargs) {
     if (!suspended) record(L, T, 0);
   } else if (status == LUA_OK) {
     lua_pop(T, nres);
-  } else {  /* it died outside its own protection (closed by a script, no memory, a C stack
-             * overflow): its owner answers for it */
+  } else if (abort) {
+    lua_pushvalue(L, abort);
+    lua_xmove(T, L, 1);  /* the error */
+    lua_pushthread(T);
+    lua_xmove(T, L, 1);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) lua_pop(L, 1);
+  } else {
     push_table(L, UV_OWNED);
     lua_pushthread(T);
     lua_xmove(T, L, 1);
@@ -286,15 +290,44 @@ void loop_resume(lua_State *L, lua_State *T, int nargs) {
   }
 }
 
+/* Resumes T, a suspended request thread, with its context. */
+static void resume(lua_State *L, struct rpc_loop *loop, lua_State *T) {
+  int nres = 0;
+  const struct rpc_context *outer = loop->current;
+  loop->current = context_of(L, T);
+  int status = lua_resume(T, L, 0, &nres);
+  loop->current = outer;
+  resumed(L, T, status, nres, 0);
+}
+
+int loop_start(lua_State *L, struct rpc_loop *loop, int idx, int nargs, int abort,
+               const struct rpc_context *ctx) {
+  idx = lua_absindex(L, idx);
+  abort = lua_absindex(L, abort);
+  lua_State *T = lua_tothread(L, idx);
+  int nres = 0;
+  const struct rpc_context *outer = loop->current;
+  lua_State *outer_starting = loop->starting;
+  loop->current = ctx;
+  loop->starting = T;
+  int status = lua_resume(T, L, nargs, &nres);
+  loop->current = outer;
+  loop->starting = outer_starting;
+  /* an allocation here may raise (no memory): T stays suspended, to end as it would, only
+   * without its context and abort function for the rest of its run */
+  if (status == LUA_YIELD) own(L, idx, abort, ctx);
+  resumed(L, T, status, nres, abort);
+  return status == LUA_YIELD;
+}
+
 #define RESUME_BATCH 32
 
 /* Resumes the threads whose due time has come (woken ones first: they are due at 0). Returns
  * how many; *next gets the earliest due time of those still suspended. */
-static int resume_due(lua_State *L, double now, double *next) {
+static int resume_due(lua_State *L, struct rpc_loop *loop, double now, double *next) {
   lua_State *due[RESUME_BATCH];
   int n = 0, seen = 0;
   *next = HUGE_VAL;
-  struct rpc_loop *loop = loop_get(L);
   if (!loop->any_due) return 0;  /* a request's loop turn need not walk an empty table */
   push_table(L, UV_DUE);
   lua_pushnil(L);
@@ -318,7 +351,7 @@ static int resume_due(lua_State *L, double now, double *next) {
     lua_rawsetp(L, -3, due[i]);
     if (alive) {
       lua_State *T = lua_tothread(L, -1);
-      loop_resume(L, T, 0);  /* the thread value stays on L's stack meanwhile: alive */
+      resume(L, loop, T);  /* the thread value stays on L's stack meanwhile: alive */
     }
     lua_pop(L, 2);
   }
@@ -381,13 +414,13 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
   double limit = own ? fmax(deadline - now, 0.05) : HUGE_VAL;
   if (step_ready(L, loop, own, now, limit)) return own != NULL;  /* input first: requests start */
   double wake;  /* the earliest due time of a suspended thread */
-  int resumed = resume_due(L, now, &wake);
+  int woke = resume_due(L, loop, now, &wake);
   /* after resuming, a poll that does not wait: threads that yield at once must not starve input */
-  if (resumed) now = rpc_now();
+  if (woke) now = rpc_now();
   struct pollfd fds[MAX_POLLED];
   struct rpc_watch *polled[MAX_POLLED];
   nfds_t n = 0;
-  double until = resumed ? now : fmin(fmin(deadline, now + RPC_SLICE), wake);
+  double until = woke ? now : fmin(fmin(deadline, now + RPC_SLICE), wake);
   if (own && conn_fd(own) >= 0) {
     fds[n].fd = conn_fd(own);
     fds[n].events = POLLIN;
@@ -410,7 +443,7 @@ int loop_wait(lua_State *L, struct rpc_loop *loop, struct rpc_conn *own, double 
     step(L, loop, polled[i], limit);
     return own != NULL;
   }
-  return resumed && own != NULL;  /* nothing, or EINTR: the caller looks at its deadline and signals */
+  return woke && own != NULL;  /* nothing, or EINTR: the caller looks at its deadline and signals */
 }
 
 /* ---- an outside scheduler (rpc.cqueues): waits in its coroutines yield to it ---- */
@@ -535,7 +568,7 @@ int loop_step(lua_State *L, struct rpc_loop *loop) {
   for (int turn = 0; turn < 64; turn++) {
     double now = rpc_now(), wake;
     int did = step_ready(L, loop, NULL, now, HUGE_VAL);
-    did |= resume_due(L, rpc_now(), &wake) > 0;
+    did |= resume_due(L, loop, rpc_now(), &wake) > 0;
     if (loop->epfd >= 0) {
       uint64_t count;
       if (loop->wakefd >= 0 && read(loop->wakefd, &count, sizeof count) > 0) did = 1;  /* drained */

@@ -303,24 +303,26 @@ struct rpc_loop *loop_get(lua_State *L);
 /* Watches w, the userdata at idx: kept alive until loop_remove, unless weak. */
 void loop_add(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, int idx, int weak);
 void loop_remove(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w);
-/* The scheduler. A request's handler runs in its own thread T, which the server owns
- * (loop_own); a wait in it (loop_can_suspend) suspends T until loop_wake or its due time,
- * with lua_yieldk and continuation k, and the loop resumes it (loop_resume). A wait anywhere
- * else turns the loop, which resumes the threads that are due meanwhile. */
-/* The thread at idx may suspend; should it ever end in an error outside its own protection,
- * the function on top (popped) is called with the error and the thread. ctx, if not NULL, is
- * its request's context while it runs (it must live as long as the thread runs). */
-void loop_own(lua_State *L, int idx, const struct rpc_context *ctx);
-/* The context of the request whose handler is running (its thread resumed by the loop, or
+/* The scheduler. A request's handler runs in its own thread T, which the server starts
+ * (loop_start); a wait in it (loop_can_suspend) suspends T until loop_wake or its due time,
+ * with lua_yieldk and continuation k, and the loop resumes it. A wait anywhere else turns the
+ * loop, which resumes the threads that are due meanwhile. */
+/* Runs the thread at idx (nargs values on its stack) until it ends or suspends: it may
+ * suspend; should it ever end in an error outside its own protection, the function at abort
+ * is called with the error and the thread. ctx, if not NULL, is its request's context while it
+ * runs (it must live as long as the thread runs). Returns 1 if it suspended: the loop owns it
+ * until it calls loop_disown; its caller anchors it meanwhile. */
+int loop_start(lua_State *L, struct rpc_loop *loop, int idx, int nargs, int abort,
+               const struct rpc_context *ctx);
+/* The context of the request whose handler is running (its thread run by the loop, or
  * anything that thread runs), or NULL. Valid until that thread yields or ends. */
-const struct rpc_context *loop_context(lua_State *L);
-void loop_disown(lua_State *L);  /* the running thread, at its end */
+const struct rpc_context *loop_context(const struct rpc_loop *loop);
+void loop_disown(lua_State *L);  /* the running thread, at its end, if it ever suspended */
 int loop_can_suspend(lua_State *L);
 int loop_suspend(lua_State *L, double due, lua_KContext ctx, lua_KFunction k);  /* yields */
 void loop_unsuspend(lua_State *L);  /* first thing in a continuation: it runs, however resumed */
 void loop_wake(lua_State *L, lua_State *T);
 void loop_wake_all(lua_State *L);  /* every suspended thread looks at its wait again (a signal) */
-void loop_resume(lua_State *L, lua_State *T, int nargs);
 /* An outside scheduler (rpc.cqueues): a wait in one of its coroutines yields to it, polling
  * the object at idx for at most seconds, and continues in k. */
 int loop_can_yield_outside(lua_State *L);

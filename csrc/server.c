@@ -22,11 +22,12 @@
 
 /* user values */
 enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_REQUESTS, UV_CODEC, UV_IDLE, UV_COUNT = UV_IDLE };
-/* UV_REQUESTS: thread -> true for the handler threads under way (they anchor themselves);
- * UV_IDLE: {request, abort function, ...}: those of finished handler threads, for the next.
+/* UV_REQUESTS: thread -> true for the handler threads suspended in a wait (they anchor
+ *   themselves; a thread that has not suspended is on the stack of whoever runs it);
+ * UV_IDLE: a finished handler thread's request userdata, for the next one, or nil; its user
+ *   values: 1 the server, 2 its abort function, 3 a new thread for the next handler.
  * The threads themselves are not reused: a handler may keep coroutine.running() as its
  * request's identity (a weak table of per-request data, say). */
-#define IDLE_KEPT 4  /* kept: a new pair per request would be most of a request's garbage */
 
 /* What a request's reply and ack need, copied from the delivery: its handler may run on after
  * the message is released (it waits, suspended, while the server takes the next ones). */
@@ -36,6 +37,7 @@ struct request {
   int reply_due, ack_due;     /* what is still to do for it */
   int tracked;                /* in the server's batched acks (else acked alone) */
   int codec_failed;           /* its body did not decode: the handler never ran */
+  int suspended;              /* its thread has waited: the loop owns it, UV_REQUESTS anchors it */
   int has_correlation_id;
   size_t reply_to_len, correlation_id_len;
   char reply_to[256], correlation_id[256];  /* shortstrs */
@@ -457,6 +459,32 @@ static int reply_text(lua_State *L) {
   return 4;
 }
 
+/* The reply for a handler's outcome (stack as request_done's): a plain string as it is, else
+ * what reply_text makes of it, under protection (it may allocate). Returns failed; *reply
+ * lives until request_done returns. */
+static int reply_for(lua_State *T, struct rpc_server *s, int ok, struct reply_out *out,
+                     const char **reply, size_t *len, const char **kind) {
+  if (ok && !out->codec_failed && !s->codec.on && lua_type(T, 3) == LUA_TSTRING &&
+      !lua_istable(T, 4) && lua_rawlen(T, 3) <= s->conn.max_body) {
+    *reply = lua_tolstring(T, 3, len);
+    return 0;
+  }
+  lua_pushcfunction(T, reply_text);
+  lua_pushvalue(T, 5);
+  lua_pushvalue(T, 3);
+  lua_pushboolean(T, ok);
+  lua_pushvalue(T, 4);
+  lua_pushlightuserdata(T, out);
+  if (lua_pcall(T, 5, 4, 0) != LUA_OK) {
+    *reply = "rabbitrpc: not enough memory for the reply";
+    *len = strlen(*reply);
+    return 1;
+  }
+  *reply = lua_tolstring(T, 6, len);  /* 6 text, 7 failed, 8 kind, 9 what out points into */
+  *kind = lua_tostring(T, 8);
+  return lua_toboolean(T, 7);
+}
+
 /* A handler thread's request is done: how long it ran (up to its reply being ready), counted
  * when the handler did run (a body the codec refused never reached it). Runs no Lua code. */
 static void handler_ended(struct rpc_server *s, struct request *r) {
@@ -484,33 +512,22 @@ static int request_done(lua_State *T, int status, lua_KContext armed) {
   init_amqp_pool(&out.pool, 1024);
   out.props._flags = 0;
   out.codec_failed = r->codec_failed;
-  lua_pushcfunction(T, reply_text);
-  lua_pushvalue(T, 5);
-  lua_pushvalue(T, 3);
-  lua_pushboolean(T, ok);
-  lua_pushvalue(T, 4);
-  lua_pushlightuserdata(T, &out);
   size_t len = 0;
-  const char *reply = "rabbitrpc: not enough memory for the reply", *kind = NULL;
-  int failed = 1;
-  if (lua_pcall(T, 5, 4, 0) == LUA_OK) {  /* 6 text, 7 failed, 8 kind, 9 what out points into */
-    reply = lua_tolstring(T, 6, &len);
-    failed = lua_toboolean(T, 7);
-    kind = lua_tostring(T, 8);
-  } else {
-    len = strlen(reply);
-  }
+  const char *reply, *kind = NULL;
+  int failed = reply_for(T, s, ok, &out, &reply, &len, &kind);
   handler_ended(s, r);
   if (r->reply_due) publish_reply(s, r, reply, len, failed, kind, &out.props);
   else if (!r->reply_to_len) s->stats.no_reply_to++;
   empty_amqp_pool(&out.pool);
   ack_request(s, r);
   s->in_progress--;
-  lua_getiuservalue(T, 5, UV_REQUESTS);
-  lua_pushthread(T);
-  lua_pushnil(T);
-  lua_rawset(T, -3);
-  loop_disown(T);
+  if (r->suspended) {
+    lua_getiuservalue(T, 5, UV_REQUESTS);
+    lua_pushthread(T);
+    lua_pushnil(T);
+    lua_rawset(T, -3);
+    loop_disown(T);
+  }
   return 0;
 }
 
@@ -564,46 +581,57 @@ static int request_main(lua_State *T) {
   return request_done(T, status, armed);
 }
 
-/* Pushes a new handler thread, then a request userdata and its abort function
- * (request_abort): a pair keep_for_next kept, or a new one. Returns the thread. */
-static lua_State *handler_thread(lua_State *L, int idx) {
+static lua_State *new_thread(lua_State *L) {
   lua_State *T = lua_newthread(L);
   lua_sethook(T, NULL, 0, 0);  /* not a Ctrl-C hook lua.c had set on the creating thread */
-  lua_getiuservalue(L, idx, UV_IDLE);
-  int idle = lua_gettop(L);
-  lua_Integer n = (lua_Integer)lua_rawlen(L, idle);
-  if (n >= 2) {
-    for (lua_Integer i = n - 1; i <= n; i++) lua_rawgeti(L, idle, i);
-    for (lua_Integer i = n - 1; i <= n; i++) {
-      lua_pushnil(L);
-      lua_rawseti(L, idle, i);
-    }
-  } else {
-    lua_newuserdatauv(L, sizeof(struct request), 1);
-    lua_pushvalue(L, idx);
-    lua_setiuservalue(L, -2, 1);
-    lua_pushvalue(L, -1);
-    lua_pushcclosure(L, request_abort, 1);
+  return T;
+}
+
+/* Pushes a new handler thread, then a request userdata and its abort function
+ * (request_abort): those keep_for_next kept, or new ones. Returns the thread. */
+static lua_State *handler_thread(lua_State *L, int idx) {
+  if (lua_getiuservalue(L, idx, UV_IDLE) == LUA_TUSERDATA) {
+    lua_pushnil(L);
+    lua_setiuservalue(L, idx, UV_IDLE);
+    lua_getiuservalue(L, -1, 3);
+    lua_State *T = lua_tothread(L, -1);
+    lua_insert(L, -2);
+    lua_pushnil(L);
+    lua_setiuservalue(L, -2, 3);
+    lua_getiuservalue(L, -1, 2);
+    return T;
   }
-  lua_remove(L, idle);
+  lua_pop(L, 1);
+  lua_State *T = new_thread(L);
+  lua_newuserdatauv(L, sizeof(struct request), 3);
+  lua_pushvalue(L, idx);
+  lua_setiuservalue(L, -2, 1);
+  lua_pushvalue(L, -1);
+  lua_pushcclosure(L, request_abort, 1);
+  lua_pushvalue(L, -1);
+  lua_setiuservalue(L, -3, 2);  /* a cycle the collector takes whole */
   return T;
 }
 
 /* The thread at t (its request and abort function above it) ran its request to the end, here:
- * the pair is kept for another request, unless enough are or the thread ended otherwise
- * (suspended, or dead by an error: its abort function may still run). Ended normally, it ran
- * request_done, whose loop_disown took the pair out of the loop's tables. */
+ * the pair is kept for the next request, unless one is or the thread ended otherwise
+ * (suspended, or dead by an error: its abort function may still run). A thread that ends in
+ * its first run was never the loop's (loop_start), so the pair is nobody else's. With it goes
+ * a new thread: made now, after the reply went out, rather than while the next request's
+ * caller waits (a thread is most of a request's garbage, and its collection comes with it). */
 static void keep_for_next(lua_State *L, struct rpc_server *s, int idx, int t) {
   lua_State *T = lua_tothread(L, t);
   lua_Debug ar;
   if (!s->open || lua_status(T) != LUA_OK || lua_gettop(T) != 0 || lua_getstack(T, 0, &ar)) return;
-  lua_getiuservalue(L, idx, UV_IDLE);
-  lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
-  for (int i = 1; i <= 2 && n < 2 * IDLE_KEPT; i++) {
-    lua_pushvalue(L, t + i);
-    lua_rawseti(L, -2, n + i);
-  }
+  int kept = lua_getiuservalue(L, idx, UV_IDLE) != LUA_TNIL;
   lua_pop(L, 1);
+  if (kept) return;
+  new_thread(L);
+  lua_setiuservalue(L, t + 1, 3);
+  lua_pushliteral(L, "");  /* the collector's step for the thread, now rather than next request */
+  lua_pop(L, 1);
+  lua_pushvalue(L, t + 1);
+  lua_setiuservalue(L, idx, UV_IDLE);
 }
 
 /* Runs the handler on the request in hand in a thread of its own: it replies and acks when it
@@ -614,6 +642,7 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   lua_State *T = handler_thread(L, idx);  /* top + 1, its request top + 2, its abort function top + 3 */
   struct request *r = lua_touserdata(L, top + 2);
   *r = s->in_hand;
+  r->suspended = 0;
   lua_pushcfunction(L, request_main);
   lua_pushvalue(L, top + 2);
   lua_getiuservalue(L, idx, UV_MSGH);
@@ -625,20 +654,20 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
     return;
   }
   int nargs = lua_gettop(L) - (top + 4);  /* request, msgh, handler and the handler's arguments */
-  lua_getiuservalue(L, idx, UV_REQUESTS);
-  lua_pushvalue(L, top + 1);
-  lua_pushboolean(L, 1);
-  lua_rawset(L, -3);
-  lua_pop(L, 1);
-  lua_pushvalue(L, top + 3);
-  loop_own(L, top + 1, r->ctx.deadline_wall > 0 || r->ctx.traced ? &r->ctx : NULL);
   s->in_hand.reply_due = s->in_hand.ack_due = 0;  /* the thread's now */
   s->in_progress++;
   lua_xmove(L, T, nargs + 1);
   s->starting = r;
   s->reading = 0;  /* all the handler needs is copied */
   r->started = rpc_now();
-  loop_resume(L, T, nargs);
+  if (loop_start(L, s->loop, top + 1, nargs, top + 3,
+                 r->ctx.deadline_wall > 0 || r->ctx.traced ? &r->ctx : NULL)) {
+    r->suspended = 1;  /* before anything that may raise: its end looks at it */
+    lua_getiuservalue(L, idx, UV_REQUESTS);
+    lua_pushvalue(L, top + 1);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -3);
+  }
   s->starting = NULL;
   keep_for_next(L, s, idx, top + 1);
   lua_settop(L, top);
@@ -879,8 +908,7 @@ static void recover(lua_State *L, struct rpc_server *s, int idx) {
 
 /* Handles at most one request already received by the server at idx, never waiting: the
  * loop then lets every other waiter have its turn. Returns the number handled. */
-static int server_service(lua_State *L, int idx) {
-  struct rpc_server *s = check_server(L, idx);
+static int server_service(lua_State *L, struct rpc_server *s, int idx) {
   int handled = 1;
   if (!s->conn.amqp) return 0;
   s->busy = 1;
@@ -926,10 +954,10 @@ static double watch_next_due(const struct rpc_watch *w) {
 }
 
 static void watch_step(lua_State *L, int idx, double limit) {
-  struct rpc_server *s = check_server(L, idx);
+  struct rpc_server *s = lua_touserdata(L, idx);  /* the loop steps a watch with its own object */
   if (s->busy && !s->reading) server_flush(s);  /* a loop nested in one of its handlers: writing is all */
   if (!s->open || s->busy) return;
-  if (s->conn.amqp) server_service(L, idx);
+  if (s->conn.amqp) server_service(L, s, idx);
   else server_reconnect(L, idx, limit);
 }
 
@@ -1225,8 +1253,6 @@ static int server_new(lua_State *L) {
   lua_setiuservalue(L, idx, UV_HANDLER);
   lua_newtable(L);
   lua_setiuservalue(L, idx, UV_REQUESTS);
-  lua_createtable(L, 2 * IDLE_KEPT, 0);
-  lua_setiuservalue(L, idx, UV_IDLE);
   lua_pushvalue(L, idx);
   lua_pushcclosure(L, message_handler, 1);  /* made once, not per request */
   lua_setiuservalue(L, idx, UV_MSGH);
@@ -1346,9 +1372,9 @@ static int server_poll(lua_State *L) {
   s->serving = 1;  /* a raise (no memory) leaves it set: replies then only wait a little longer */
   do {  /* while the connection is down, the loop reconnects it when due */
     if (loop_wait(L, s->loop, s->conn.amqp ? &s->conn : NULL, deadline) && s->open)
-      server_service(L, 1);
+      server_service(L, s, 1);
   } while (s->open && s->stats.requests == before && rpc_now() < deadline);
-  while (s->open && s->conn.amqp && conn_has_input(&s->conn)) server_service(L, 1);  /* the rest */
+  while (s->open && s->conn.amqp && conn_has_input(&s->conn)) server_service(L, s, 1);  /* the rest */
   s->serving = 0;
   server_flush(s);
   if (!s->open) return closed(L);
