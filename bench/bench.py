@@ -29,18 +29,23 @@ LUA = os.environ.get('LUA', 'lua5.4')
 PYTHON = '/usr/bin/python3'   # Debian's, with python3-pika 1.2; not whatever python3 is on PATH
 MARKER = '<!-- million -->'   # RESULTS.md: the main part before it, the million-call run after
 
-STACKS = {   # name: (server command, client command[, server arguments after QUEUE PREFETCH])
+STACKS = {   # name: (server command, client command[, server arguments after QUEUE PREFETCH
+             # [, environment for both]])
     'c': ([os.path.join(OUT, 'raw_server')], [os.path.join(OUT, 'raw_client')]),
     # the same server acking with multiple = true, as a library can: raw_server.c
     'c-batched': ([os.path.join(OUT, 'raw_server')], [os.path.join(OUT, 'raw_client')], ['batched']),
+    # the naive loop sending the headers rabbitrpc's requests and replies carry: raw.h
+    'c-headers': ([os.path.join(OUT, 'raw_server')], [os.path.join(OUT, 'raw_client')], [],
+                  {'RAW_HEADERS': '1'}),
     'rabbitrpc': ([LUA, os.path.join(BENCH, 'lua_server.lua')],
                   [LUA, os.path.join(BENCH, 'lua_client.lua')]),
     'pika': ([PYTHON, os.path.join(BENCH, 'pika_server.py')],
              [PYTHON, os.path.join(BENCH, 'pika_client.py')]),
 }
 # what is measured, in order; pika only as the tutorial does it (an exclusive reply queue)
-CONFIGS = [('c', 'direct'), ('c-batched', 'direct'), ('rabbitrpc', 'direct'), ('c', 'exclusive'),
-           ('c-batched', 'exclusive'), ('rabbitrpc', 'exclusive'), ('pika', 'exclusive')]
+CONFIGS = [('c', 'direct'), ('c-batched', 'direct'), ('c-headers', 'direct'), ('rabbitrpc', 'direct'),
+           ('c', 'exclusive'), ('c-batched', 'exclusive'), ('c-headers', 'exclusive'),
+           ('rabbitrpc', 'exclusive'), ('pika', 'exclusive')]
 
 
 def env_default(name, default, kind=str):
@@ -63,8 +68,8 @@ def parse_args():
                    help='warm-up seconds before each measurement [BENCH_WARMUP] (0.5)')
     p.add_argument('--inflight', default=env_default('BENCH_INFLIGHT', '1,10,100'),
                    help='in-flight counts; 1 is sequential calls [BENCH_INFLIGHT] (1,10,100)')
-    p.add_argument('--stacks', default=env_default('BENCH_STACKS', 'c,c-batched,rabbitrpc,pika'),
-                   help='stacks to run [BENCH_STACKS] (c,c-batched,rabbitrpc,pika)')
+    p.add_argument('--stacks', default=env_default('BENCH_STACKS', 'c,c-batched,c-headers,rabbitrpc,pika'),
+                   help='stacks to run [BENCH_STACKS] (c,c-batched,c-headers,rabbitrpc,pika)')
     p.add_argument('--modes', default=env_default('BENCH_MODES', 'direct,exclusive'),
                    help='reply modes to run [BENCH_MODES] (direct,exclusive)')
     p.add_argument('--broker-pid', type=int, default=env_default('BENCH_BROKER_PID', 0, int),
@@ -227,9 +232,10 @@ def measure(stack, mode, inflight, warmup, how_much, timeout, broker_pid=None):
     global queue_count
     queue_count += 1
     queue = f'bench-{os.getpid()}-{queue_count}'
-    server_cmd, client_cmd, *server_args = STACKS[stack]
+    server_cmd, client_cmd, *rest = STACKS[stack]
     env = child_env()
-    server_args = server_args[0] if server_args else []
+    server_args = rest[0] if rest else []
+    env.update(rest[1] if len(rest) > 1 else {})
     server, why = start_server(server_cmd + [queue, str(inflight)] + server_args, env)
     if not server:
         return {'error': f'{stack} server did not start: {why}'}
@@ -356,6 +362,7 @@ def summarize(results, reps, inflights):
 
     configs = sorted({(s, m) for s, m, _ in results}, key=lambda c: CONFIGS.index(c))
     batched = any(s == 'c-batched' for s, _ in configs)   # the "ratio to batched C" columns
+    headers = any(s == 'c-headers' for s, _ in configs)   # the "ratio to C with headers" ones
     seq = 1 if 1 in inflights else None
     big = max(inflights) if max(inflights) > 1 else None
     mid = sorted(inflights)[len(inflights) // 2] if len(inflights) > 2 else None
@@ -379,6 +386,8 @@ def summarize(results, reps, inflights):
         head += [f'ratio {big}']
     if batched:
         head += [f'ratio to batched C {label(k)}' for k in cpu_ks]
+    if headers:
+        head += [f'ratio to C with headers {label(k)}' for k in cpu_ks]
     rows = []
     for stack, mode in configs:
         rate = lambda k: median(per_rep(stack, mode, k, lambda r: r['rate']))
@@ -401,11 +410,14 @@ def summarize(results, reps, inflights):
             row += [fmt(ratio(stack, mode, big), '{:.2f}')]
         if batched:
             row += [fmt(ratio(stack, mode, k, 'c-batched'), '{:.2f}') for k in cpu_ks]
+        if headers:
+            row += [fmt(ratio(stack, mode, k, 'c-headers'), '{:.2f}') for k in cpu_ks]
         rows.append(row)
     main = markdown_table(head, rows)
 
     head = ['stack', 'mode', 'in flight', 'calls/s (median)', 'min – max', 'ratio to C']
     head += ['ratio to batched C'] if batched else []
+    head += ['ratio to C with headers'] if headers else []
     head += ['client CPU s/10k', 'server CPU s/10k', 'client+server CPU s/10k', 'broker CPU s/10k',
              'client RSS MB', 'server RSS MB']
     rows = []
@@ -420,6 +432,7 @@ def summarize(results, reps, inflights):
                          f'{fmt(min(rates) if rates else None)} – {fmt(max(rates) if rates else None)}',
                          fmt(ratio(stack, mode, k), '{:.2f}')] +
                         ([fmt(ratio(stack, mode, k, 'c-batched'), '{:.2f}')] if batched else []) +
+                        ([fmt(ratio(stack, mode, k, 'c-headers'), '{:.2f}')] if headers else []) +
                         [fmt(cpu10k(stack, mode, k, 'client'), '{:.2f}'),
                          fmt(cpu10k(stack, mode, k, 'server'), '{:.2f}'),
                          fmt(cpu10k(stack, mode, k, 'client', 'server'), '{:.2f}'),
@@ -496,7 +509,10 @@ def bench(a):
         'to raw C in the same reply mode (pika, tutorial style, to raw C exclusive): "ratio" to '
         'naive raw C (`c`: one basic.ack per request), "ratio to batched C" to raw C acking as a '
         'library can (`c-batched`: one basic.ack with multiple = true once its read buffer is '
-        'empty or half the prefetch is unacked).', '',
+        'empty or half the prefetch is unacked), "ratio to C with headers" to the naive loop '
+        'sending the two headers rabbitrpc adds (`c-headers`: x-rpc-deadline on each request, '
+        'x-rpc-handler-time on each reply: the broker decodes them, and with direct reply-to '
+        're-encodes the request\'s), so the cost of the protocol and that of the library show apart.', '',
         *machine_lines(m),
         f'- {a.reps} repetition(s); per measurement {a.warmup:g} s warm-up, then {amount}',
         f'- workload: 16-byte echo body, one client process and one server process, server prefetch '

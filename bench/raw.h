@@ -77,6 +77,30 @@ static amqp_connection_state_t open_connection(void) {
   return conn;
 }
 
+/* env RAW_HEADERS set: the headers rabbitrpc's requests and replies carry (its deadlines and
+ * latency figures), x-rpc-deadline on requests and x-rpc-handler-time on replies, so that the
+ * broker decodes (and, with direct reply-to, re-encodes) a headers table as it does for ours. */
+static int with_headers(void) {
+  static int on = -1;
+  if (on < 0) on = getenv("RAW_HEADERS") != NULL && *getenv("RAW_HEADERS");
+  return on;
+}
+
+/* props gets a headers table of one entry, kept in *e. */
+static void add_header(amqp_basic_properties_t *props, amqp_table_entry_t *e, const char *key,
+                       amqp_field_value_t value) {
+  e->key = amqp_cstring_bytes(key);
+  e->value = value;
+  props->_flags |= AMQP_BASIC_HEADERS_FLAG;
+  props->headers = (amqp_table_t){1, e};
+}
+
+static double clock_seconds(clockid_t id) {
+  struct timespec ts;
+  clock_gettime(id, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
 static void close_connection(amqp_connection_state_t conn) {
   check_reply(amqp_channel_close(conn, CHANNEL, AMQP_REPLY_SUCCESS), "channel.close");
   check_reply(amqp_connection_close(conn, AMQP_REPLY_SUCCESS), "connection.close");

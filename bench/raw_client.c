@@ -7,7 +7,8 @@
  * bench's client protocol). BROKER_PID: the broker (its beam.smp, all threads), whose CPU over
  * the measured phase it reports as broker_cpu (null without it).
  * Each request: 16-byte body, mandatory, reply_to, a fresh random uuid as correlation_id,
- * expiration "30000", as rabbitrpc publishes them. Replies are matched by correlation id. */
+ * expiration "30000", as rabbitrpc publishes them (with RAW_HEADERS set, also its x-rpc-deadline
+ * header: raw.h). Replies are matched by correlation id. */
 #include "raw.h"
 
 #include <uuid/uuid.h>
@@ -18,9 +19,7 @@ static char body[] = BODY;   /* amqp_bytes_t wants a mutable pointer */
 /* ---- time and /proc ---- */
 
 static double now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+  return clock_seconds(CLOCK_MONOTONIC);
 }
 
 /* utime + stime of process pid ("self" or a number), seconds. */
@@ -101,6 +100,11 @@ static void send_request(struct client *c, struct slot *s) {
   props.correlation_id = (amqp_bytes_t){36, s->id};
   props.reply_to = c->reply_to;
   props.expiration = amqp_cstring_bytes("30000");
+  amqp_table_entry_t deadline;
+  if (with_headers())   /* wall-clock milliseconds, as rabbitrpc's */
+    add_header(&props, &deadline, "x-rpc-deadline",
+               (amqp_field_value_t){AMQP_FIELD_KIND_I64,
+                                    {.i64 = (int64_t)((clock_seconds(CLOCK_REALTIME) + 30) * 1000)}});
   s->done = 0;
   s->sent = now();
   check_status(amqp_basic_publish(c->conn, CHANNEL, amqp_empty_bytes, c->queue, 1, 0, &props,

@@ -6,7 +6,9 @@
  * batched: what a library can do on top: acks with multiple = true (one basic.ack up to the
  * last delivery tag) once the read buffer is empty (nothing more already received to serve)
  * or when the unacked deliveries reach half the prefetch, instead of one ack per delivery.
- * Every reply is still published before the ack that covers its request (at-least-once). */
+ * Every reply is still published before the ack that covers its request (at-least-once).
+ * With env RAW_HEADERS set, each reply carries rabbitrpc's x-rpc-handler-time header (raw.h),
+ * the seconds from the delivery read to its reply. */
 #include "raw.h"
 
 #include <signal.h>
@@ -19,6 +21,7 @@ static void on_signal(int sig) {
 }
 
 static void reply(amqp_connection_state_t conn, const struct message *m) {
+  double started = with_headers() ? clock_seconds(CLOCK_MONOTONIC) : 0;
   const amqp_basic_properties_t *req = m->props;
   if (!(req->_flags & AMQP_BASIC_REPLY_TO_FLAG)) return;
   amqp_basic_properties_t props;
@@ -27,6 +30,11 @@ static void reply(amqp_connection_state_t conn, const struct message *m) {
     props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
     props.correlation_id = req->correlation_id;
   }
+  amqp_table_entry_t handler_time;
+  if (with_headers())
+    add_header(&props, &handler_time, "x-rpc-handler-time",
+               (amqp_field_value_t){AMQP_FIELD_KIND_F64,
+                                    {.f64 = clock_seconds(CLOCK_MONOTONIC) - started}});
   check_status(amqp_basic_publish(conn, CHANNEL, amqp_empty_bytes, req->reply_to, 0, 0, &props,
                                   m->body), "publishing a reply");
 }
