@@ -300,10 +300,41 @@ static void resume(lua_State *L, struct rpc_loop *loop, lua_State *T) {
   resumed(L, T, status, nres, 0);
 }
 
+/* The thread at 1, suspended in its first run, recorded as the loop's (its abort function at
+ * 2, its context at 3), and due again at once if it yielded without suspending itself. */
+static int adopt(lua_State *L) {
+  lua_State *T = lua_tothread(L, 1);
+  own(L, 1, 2, lua_touserdata(L, 3));
+  resumed(L, T, LUA_YIELD, 0, 0);
+  return 0;
+}
+
+/* adopt failed (the error on top, popped): the thread at idx is forgotten (setting nil never
+ * allocates) and reset, so nothing resumes it, and its abort function at abort answers for
+ * it. */
+static void abandon(lua_State *L, int idx, int abort) {
+  lua_State *T = lua_tothread(L, idx);
+  for (int uv = UV_SUSPENDED; uv <= UV_CONTEXT; uv++) {
+    push_table(L, uv);
+    lua_pushvalue(L, idx);
+    lua_pushnil(L);
+    lua_rawset(L, -3);
+    lua_pushnil(L);
+    lua_rawsetp(L, -2, T);
+    lua_pop(L, 1);
+  }
+  lua_resetthread(T);
+  lua_pushvalue(L, abort);
+  lua_insert(L, -2);
+  lua_pushvalue(L, idx);
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) lua_pop(L, 1);
+}
+
 int loop_start(lua_State *L, struct rpc_loop *loop, int idx, int nargs, int abort,
                const struct rpc_context *ctx) {
   idx = lua_absindex(L, idx);
   abort = lua_absindex(L, abort);
+  lua_checkstack(L, 8);  /* what adopt or abandon push: no stack to grow once T has run */
   lua_State *T = lua_tothread(L, idx);
   int nres = 0;
   const struct rpc_context *outer = loop->current;
@@ -313,11 +344,18 @@ int loop_start(lua_State *L, struct rpc_loop *loop, int idx, int nargs, int abor
   int status = lua_resume(T, L, nargs, &nres);
   loop->current = outer;
   loop->starting = outer_starting;
-  /* an allocation here may raise (no memory): T stays suspended, to end as it would, only
-   * without its context and abort function for the rest of its run */
-  if (status == LUA_YIELD) own(L, idx, abort, ctx);
-  resumed(L, T, status, nres, abort);
-  return status == LUA_YIELD;
+  if (status != LUA_YIELD) {
+    resumed(L, T, status, nres, abort);
+    return 0;
+  }
+  lua_pop(T, nres);
+  lua_pushcfunction(L, adopt);
+  lua_pushvalue(L, idx);
+  lua_pushvalue(L, abort);
+  lua_pushlightuserdata(L, (void *)ctx);
+  if (lua_pcall(L, 3, 0, 0) == LUA_OK) return 1;
+  abandon(L, idx, abort);
+  return 0;
 }
 
 #define RESUME_BATCH 32

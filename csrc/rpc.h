@@ -57,6 +57,7 @@ struct rpc_context {
   char flags[3];                /* trace-flags, 2 hex digits */
   size_t tracestate_len;
   char tracestate[RPC_TRACESTATE_MAX];
+  const void *owner;            /* whose request it is (its server), for that owner's checks */
 };
 
 /* ---- errors (core.c) ---- */
@@ -308,10 +309,11 @@ void loop_remove(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w);
  * with lua_yieldk and continuation k, and the loop resumes it. A wait anywhere else turns the
  * loop, which resumes the threads that are due meanwhile. */
 /* Runs the thread at idx (nargs values on its stack) until it ends or suspends: it may
- * suspend; should it ever end in an error outside its own protection, the function at abort
- * is called with the error and the thread. ctx, if not NULL, is its request's context while it
- * runs (it must live as long as the thread runs). Returns 1 if it suspended: the loop owns it
- * until it calls loop_disown; its caller anchors it meanwhile. */
+ * suspend; should it ever end in an error outside its own protection, or suspend when there is
+ * no memory to record it (it is then reset, never to run again), the function at abort is
+ * called with the error and the thread. ctx, if not NULL, is its request's context while it
+ * runs (it must live as long as the thread runs). Returns 1 if it suspended: the loop owns it,
+ * and keeps it alive, until it calls loop_disown. */
 int loop_start(lua_State *L, struct rpc_loop *loop, int idx, int nargs, int abort,
                const struct rpc_context *ctx);
 /* The context of the request whose handler is running (its thread run by the loop, or

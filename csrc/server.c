@@ -21,10 +21,8 @@
 #define QUORUM_COUNT_HEADER "x-delivery-count"  /* quorum queues: the broker's count of earlier ones */
 
 /* user values */
-enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_REQUESTS, UV_CODEC, UV_IDLE, UV_COUNT = UV_IDLE };
-/* UV_REQUESTS: thread -> true for the handler threads suspended in a wait (they anchor
- *   themselves; a thread that has not suspended is on the stack of whoever runs it);
- * UV_IDLE: a finished handler thread's request userdata, for the next one, or nil; its user
+enum { UV_HANDLER = 1, UV_MSGH, UV_LAST_ERROR, UV_LOG, UV_ALLOW, UV_CODEC, UV_IDLE, UV_COUNT = UV_IDLE };
+/* UV_IDLE: a finished handler thread's request userdata, for the next one, or nil; its user
  *   values: 1 the server, 2 its abort function, 3 a new thread for the next handler.
  * The threads themselves are not reused: a handler may keep coroutine.running() as its
  * request's identity (a weak table of per-request data, say). */
@@ -37,7 +35,7 @@ struct request {
   int reply_due, ack_due;     /* what is still to do for it */
   int tracked;                /* in the server's batched acks (else acked alone) */
   int codec_failed;           /* its body did not decode: the handler never ran */
-  int suspended;              /* its thread has waited: the loop owns it, UV_REQUESTS anchors it */
+  int suspended;              /* its thread has waited: the loop owns it until it ends */
   int has_correlation_id;
   size_t reply_to_len, correlation_id_len;
   char reply_to[256], correlation_id[256];  /* shortstrs */
@@ -521,13 +519,7 @@ static int request_done(lua_State *T, int status, lua_KContext armed) {
   empty_amqp_pool(&out.pool);
   ack_request(s, r);
   s->in_progress--;
-  if (r->suspended) {
-    lua_getiuservalue(T, 5, UV_REQUESTS);
-    lua_pushthread(T);
-    lua_pushnil(T);
-    lua_rawset(T, -3);
-    loop_disown(T);
-  }
+  if (r->suspended) loop_disown(T);
   return 0;
 }
 
@@ -546,10 +538,6 @@ static int request_abort(lua_State *L) {
   if (r->reply_due) publish_reply(s, r, why, len, 1, NULL, NULL);
   ack_request(s, r);
   s->in_progress--;
-  lua_getiuservalue(L, 3, UV_REQUESTS);
-  lua_pushvalue(L, 2);
-  lua_pushnil(L);
-  lua_rawset(L, -3);
   return 0;
 }
 
@@ -613,6 +601,18 @@ static lua_State *handler_thread(lua_State *L, int idx) {
   return T;
 }
 
+/* The request at 2 with a new thread, kept in the server at 1 (allocates: under protection,
+ * as the request it served has been answered). */
+static int keep_protected(lua_State *L) {
+  new_thread(L);
+  lua_setiuservalue(L, 2, 3);
+  lua_pushliteral(L, "");  /* the collector's step for the thread, now rather than next request */
+  lua_pop(L, 1);
+  lua_settop(L, 2);
+  lua_setiuservalue(L, 1, UV_IDLE);
+  return 0;
+}
+
 /* The thread at t (its request and abort function above it) ran its request to the end, here:
  * the pair is kept for the next request, unless one is or the thread ended otherwise
  * (suspended, or dead by an error: its abort function may still run). A thread that ends in
@@ -626,12 +626,10 @@ static void keep_for_next(lua_State *L, struct rpc_server *s, int idx, int t) {
   int kept = lua_getiuservalue(L, idx, UV_IDLE) != LUA_TNIL;
   lua_pop(L, 1);
   if (kept) return;
-  new_thread(L);
-  lua_setiuservalue(L, t + 1, 3);
-  lua_pushliteral(L, "");  /* the collector's step for the thread, now rather than next request */
-  lua_pop(L, 1);
+  lua_pushcfunction(L, keep_protected);
+  lua_pushvalue(L, idx);
   lua_pushvalue(L, t + 1);
-  lua_setiuservalue(L, idx, UV_IDLE);
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) lua_pop(L, 1);  /* no memory: the next makes its own */
 }
 
 /* Runs the handler on the request in hand in a thread of its own: it replies and acks when it
@@ -660,14 +658,8 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
   s->starting = r;
   s->reading = 0;  /* all the handler needs is copied */
   r->started = rpc_now();
-  if (loop_start(L, s->loop, top + 1, nargs, top + 3,
-                 r->ctx.deadline_wall > 0 || r->ctx.traced ? &r->ctx : NULL)) {
-    r->suspended = 1;  /* before anything that may raise: its end looks at it */
-    lua_getiuservalue(L, idx, UV_REQUESTS);
-    lua_pushvalue(L, top + 1);
-    lua_pushboolean(L, 1);
-    lua_rawset(L, -3);
-  }
+  r->ctx.owner = s;
+  r->suspended = loop_start(L, s->loop, top + 1, nargs, top + 3, &r->ctx);
   s->starting = NULL;
   keep_for_next(L, s, idx, top + 1);
   lua_settop(L, top);
@@ -1251,8 +1243,6 @@ static int server_new(lua_State *L) {
   s->wants_request = ar.isvararg || ar.nparams >= 2;
   lua_pushvalue(L, 2);
   lua_setiuservalue(L, idx, UV_HANDLER);
-  lua_newtable(L);
-  lua_setiuservalue(L, idx, UV_REQUESTS);
   lua_pushvalue(L, idx);
   lua_pushcclosure(L, message_handler, 1);  /* made once, not per request */
   lua_setiuservalue(L, idx, UV_MSGH);
@@ -1292,14 +1282,11 @@ static int closed(lua_State *L) {
   return rpc_fail(L, "closed", "server closed");
 }
 
-/* Called from one of s's own handlers: before its first wait (busy), or after (its thread). */
-static int in_own_handler(lua_State *L, const struct rpc_server *s, int idx) {
-  if (s->busy) return 1;
-  lua_getiuservalue(L, idx, UV_REQUESTS);
-  lua_pushthread(L);
-  int own = lua_rawget(L, -2) != LUA_TNIL;
-  lua_pop(L, 2);
-  return own;
+/* Called from one of s's own handlers (or what it runs): before its first wait (busy), or
+ * after (the loop runs a request of s's). */
+static int in_own_handler(const struct rpc_server *s) {
+  const struct rpc_context *ctx = loop_context(s->loop);
+  return s->busy || (ctx && ctx->owner == s);
 }
 
 /* After a signal: no new request (the consumer is cancelled; what arrives meanwhile goes back
@@ -1337,7 +1324,7 @@ static int run_loop(lua_State *L) {
 static int run_server(lua_State *L, int idx) {
   struct rpc_server *s = check_server(L, idx);
   if (!s->open) return closed(L);
-  luaL_argcheck(L, !in_own_handler(L, s, idx), idx, "server:run() called from its own handler");
+  luaL_argcheck(L, !in_own_handler(s), idx, "server:run() called from its own handler");
   s->stopping = 0;
   if (s->cancelled && s->conn.amqp && consume(s) == 0) s->cancelled = 0;  /* after a drain */
   lua_pushcfunction(L, run_loop);
@@ -1365,7 +1352,7 @@ static int server_poll(lua_State *L) {
   luaL_argcheck(L, timeout >= 0 && timeout <= RPC_MAX_TIMEOUT, 2,
                 "timeout must be a number of seconds from 0 to 1e6");
   if (!s->open) return closed(L);
-  luaL_argcheck(L, !in_own_handler(L, s, 1), 1, "server:poll() called from its own handler");
+  luaL_argcheck(L, !in_own_handler(s), 1, "server:poll() called from its own handler");
   if (s->cancelled && s->conn.amqp && consume(s) == 0) s->cancelled = 0;  /* after a drain */
   lua_Integer before = s->stats.requests;
   double deadline = rpc_now() + timeout;

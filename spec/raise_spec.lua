@@ -195,6 +195,49 @@ print("DONE")
     assert.equal(0, count.messages, "a request is left in the queue")
   end)
 
+  it("out of memory recording a handler's first suspension answers its request with 'not enough memory' and never resumes it; the server serves on", function()
+    local queue = H.queue("oom-adopt")
+    -- a fresh state: the loop's tables are empty, so recording the first suspended thread
+    -- allocates (a 24-byte node), and that allocation is made to fail
+    local out, status, err = run_child([[
+io.stdout:setvbuf("line")
+local rpc, oom = require "rpc", require "oom"
+local URL, QUEUE = os.getenv("RPC_URL"), os.getenv("SPEC_QUEUE")
+local ran, resumed = 0, 0
+local server = assert(rpc.server(QUEUE, function(body)
+  ran = ran + 1
+  if body == "first" then
+    oom.fail_size(24, 2)   -- and the retry after the emergency collection
+    coroutine.yield()   -- a bare yield: the loop records it, due again at once
+    resumed = resumed + 1
+  end
+  return "done:" .. body
+end, {url = URL, auto_delete = true, prefetch = 1}))
+local client = assert(rpc.client(QUEUE, {url = URL, timeout = 5}))
+local id = assert(client:send("first"))
+local ok, n = pcall(server.poll, server, 5)
+print("POLL", tostring(ok), tostring(n), "FAILURES", oom.off())
+collectgarbage() collectgarbage()
+print("FIRST", client:wait(id, 5))
+print("SECOND", client:call("second", 5))
+server:poll(0.2)
+local stats = server:stats()
+print("STATS", stats.in_progress, stats.requests, stats.replies, ran, resumed)
+server:close()
+client:close()
+print("DONE")
+]], {SPEC_QUEUE = queue})
+    assert.equal(0, status, report(out, status, err))
+    assert.matches("POLL\ttrue\t1\tFAILURES\t2\n", out, 1, false)
+    local message = out:match("FIRST\tnil\t([^\n]*)\tremote\n")
+    assert.is_string(message, "the first request was not answered with an error: " .. out)
+    assert.matches("not enough memory", message, 1, true)
+    assert.matches("SECOND\tdone:second\n", out, 1, true)
+    -- nothing in progress, both answered, the first handler never resumed
+    assert.matches("STATS\t0\t2\t2\t2\t0\n", out, 1, true)
+    assert.matches("DONE", out, 1, true)
+  end)
+
   it("out of memory for a reply inside client:call fails that call only: the client's next call succeeds", function()
     local oom = load_oom()
     local size = string_size(oom, BIG)
