@@ -349,11 +349,16 @@ int loop_start(lua_State *L, struct rpc_loop *loop, int idx, int nargs, int abor
     return 0;
   }
   lua_pop(T, nres);
-  lua_pushcfunction(L, adopt);
-  lua_pushvalue(L, idx);
-  lua_pushvalue(L, abort);
-  lua_pushlightuserdata(L, (void *)ctx);
-  if (lua_pcall(L, 3, 0, 0) == LUA_OK) return 1;
+  for (int tries = 0; tries < 2; tries++) {
+    lua_pushcfunction(L, adopt);
+    lua_pushvalue(L, idx);
+    lua_pushvalue(L, abort);
+    lua_pushlightuserdata(L, (void *)ctx);
+    if (lua_pcall(L, 3, 0, 0) == LUA_OK) return 1;
+    /* lua.c's Ctrl-C hook, firing at the call: the waiter's (counted), and gone: again */
+    if (!loop_took_interrupt(L, loop)) break;
+    lua_pop(L, 1);
+  }
   abandon(L, idx, abort);
   return 0;
 }

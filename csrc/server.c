@@ -629,7 +629,10 @@ static void keep_for_next(lua_State *L, struct rpc_server *s, int idx, int t) {
   lua_pushcfunction(L, keep_protected);
   lua_pushvalue(L, idx);
   lua_pushvalue(L, t + 1);
-  if (lua_pcall(L, 2, 0, 0) != LUA_OK) lua_pop(L, 1);  /* no memory: the next makes its own */
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {  /* no memory: the next makes its own */
+    loop_took_interrupt(L, s->loop);  /* or lua.c's Ctrl-C hook, firing at the call: the waiter's */
+    lua_pop(L, 1);
+  }
 }
 
 /* Runs the handler on the request in hand in a thread of its own: it replies and acks when it
