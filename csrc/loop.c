@@ -26,6 +26,7 @@ struct rpc_loop {
   const struct rpc_context *current;  /* of the request thread being run, or NULL */
   lua_State *starting;         /* the request thread loop_start runs: owned, though not yet in
                                 * UV_OWNED (only a thread that suspends is recorded there) */
+  lua_State *adopting;         /* suspended in its first run, being recorded: not resumed yet */
   int any_due;                 /* UV_DUE may have entries: 0 once a look found it empty */
 };
 
@@ -64,7 +65,7 @@ struct rpc_loop *loop_get(lua_State *L) {
     loop->interrupts = 0;
     loop->epfd = loop->wakefd = -1;
     loop->current = NULL;
-    loop->starting = NULL;
+    loop->starting = loop->adopting = NULL;
     loop->any_due = 0;
     lua_createtable(L, 0, 1);
     lua_pushcfunction(L, loop_gc);
@@ -186,6 +187,10 @@ static const struct rpc_context *context_of(lua_State *L, lua_State *T) {
   return ctx;
 }
 
+const struct rpc_context *loop_thread_context(lua_State *L) {
+  return context_of(L, L);
+}
+
 int loop_can_suspend(lua_State *L) {
   if (!lua_isyieldable(L)) return 0;
   if (L == loop_get(L)->starting) return 1;
@@ -250,13 +255,34 @@ void loop_wake_all(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* Calls the function below the nargs arguments on top (all popped) under protection, and once
+ * more if lua.c's Ctrl-C hook raised at the call, before it ran (the hook is gone then; the
+ * interrupt is counted, for the waiter). Returns the status, the error left on top. */
+static int call_past_ctrl_c(lua_State *L, struct rpc_loop *loop, int nargs) {
+  int base = lua_gettop(L) - nargs, st = LUA_OK;
+  if (!lua_checkstack(L, nargs + 1)) return lua_pcall(L, nargs, 0, 0);  /* once, then */
+  for (int tries = 0; tries < 2; tries++) {
+    for (int i = 0; i <= nargs; i++) lua_pushvalue(L, base + i);
+    st = lua_pcall(L, nargs, 0, 0);
+    if (st == LUA_OK || tries == 1 || !loop_took_interrupt(L, loop)) break;
+    lua_pop(L, 1);
+  }
+  if (st == LUA_OK) {
+    lua_settop(L, base - 1);
+  } else {
+    lua_replace(L, base);
+    lua_settop(L, base);
+  }
+  return st;
+}
+
 /* After T's resume returned status with nres results: a thread that yields without suspending
  * itself (a bare coroutine.yield() in a handler) gives the others a turn: it is due again at
  * once. A thread that ends, with results or an error (never for a request: its function
  * catches everything), is left to the collector; one that died outside its own protection
  * (closed by a script, no memory, a C stack overflow) is its owner's to answer for: its abort
  * function, at abort (0: look it up), is called with the error and the thread. */
-static void resumed(lua_State *L, lua_State *T, int status, int nres, int abort) {
+static void resumed(lua_State *L, struct rpc_loop *loop, lua_State *T, int status, int nres, int abort) {
   if (status == LUA_YIELD) {
     lua_pop(T, nres);
     push_table(L, UV_DUE);
@@ -270,7 +296,7 @@ static void resumed(lua_State *L, lua_State *T, int status, int nres, int abort)
     lua_xmove(T, L, 1);  /* the error */
     lua_pushthread(T);
     lua_xmove(T, L, 1);
-    if (lua_pcall(L, 2, 0, 0) != LUA_OK) lua_pop(L, 1);
+    if (call_past_ctrl_c(L, loop, 2) != LUA_OK) lua_pop(L, 1);
   } else {
     push_table(L, UV_OWNED);
     lua_pushthread(T);
@@ -279,7 +305,7 @@ static void resumed(lua_State *L, lua_State *T, int status, int nres, int abort)
       lua_xmove(T, L, 1);  /* the error */
       lua_pushthread(T);
       lua_xmove(T, L, 1);
-      if (lua_pcall(L, 2, 0, 0) != LUA_OK) lua_pop(L, 1);
+      if (call_past_ctrl_c(L, loop, 2) != LUA_OK) lua_pop(L, 1);
       lua_pop(L, 1);
       lua_pushthread(T);
       lua_xmove(T, L, 1);
@@ -297,7 +323,7 @@ static void resume(lua_State *L, struct rpc_loop *loop, lua_State *T) {
   loop->current = context_of(L, T);
   int status = lua_resume(T, L, 0, &nres);
   loop->current = outer;
-  resumed(L, T, status, nres, 0);
+  resumed(L, loop, T, status, nres, 0);
 }
 
 /* The thread at 1, suspended in its first run, recorded as the loop's (its abort function at
@@ -305,14 +331,15 @@ static void resume(lua_State *L, struct rpc_loop *loop, lua_State *T) {
 static int adopt(lua_State *L) {
   lua_State *T = lua_tothread(L, 1);
   own(L, 1, 2, lua_touserdata(L, 3));
-  resumed(L, T, LUA_YIELD, 0, 0);
+  resumed(L, NULL, T, LUA_YIELD, 0, 0);
   return 0;
 }
 
 /* adopt failed (the error on top, popped): the thread at idx is forgotten (setting nil never
- * allocates) and reset, so nothing resumes it, and its abort function at abort answers for
- * it. */
-static void abandon(lua_State *L, int idx, int abort) {
+ * allocates) and reset (its to-be-closed variables closed in its context), so nothing resumes
+ * it, and its abort function at abort answers for it. */
+static void abandon(lua_State *L, struct rpc_loop *loop, int idx, int abort,
+                    const struct rpc_context *ctx) {
   lua_State *T = lua_tothread(L, idx);
   for (int uv = UV_SUSPENDED; uv <= UV_CONTEXT; uv++) {
     push_table(L, uv);
@@ -323,18 +350,21 @@ static void abandon(lua_State *L, int idx, int abort) {
     lua_rawsetp(L, -2, T);
     lua_pop(L, 1);
   }
+  const struct rpc_context *outer = loop->current;
+  loop->current = ctx;
   lua_resetthread(T);
+  loop->current = outer;
   lua_pushvalue(L, abort);
   lua_insert(L, -2);
   lua_pushvalue(L, idx);
-  if (lua_pcall(L, 2, 0, 0) != LUA_OK) lua_pop(L, 1);
+  if (call_past_ctrl_c(L, loop, 2) != LUA_OK) lua_pop(L, 1);
 }
 
 int loop_start(lua_State *L, struct rpc_loop *loop, int idx, int nargs, int abort,
                const struct rpc_context *ctx) {
   idx = lua_absindex(L, idx);
   abort = lua_absindex(L, abort);
-  lua_checkstack(L, 8);  /* what adopt or abandon push: no stack to grow once T has run */
+  lua_checkstack(L, 12);  /* what adopt or abandon push: no stack to grow once T has run */
   lua_State *T = lua_tothread(L, idx);
   int nres = 0;
   const struct rpc_context *outer = loop->current;
@@ -345,21 +375,22 @@ int loop_start(lua_State *L, struct rpc_loop *loop, int idx, int nargs, int abor
   loop->current = outer;
   loop->starting = outer_starting;
   if (status != LUA_YIELD) {
-    resumed(L, T, status, nres, abort);
+    resumed(L, loop, T, status, nres, abort);
     return 0;
   }
   lua_pop(T, nres);
-  for (int tries = 0; tries < 2; tries++) {
-    lua_pushcfunction(L, adopt);
-    lua_pushvalue(L, idx);
-    lua_pushvalue(L, abort);
-    lua_pushlightuserdata(L, (void *)ctx);
-    if (lua_pcall(L, 3, 0, 0) == LUA_OK) return 1;
-    /* lua.c's Ctrl-C hook, firing at the call: the waiter's (counted), and gone: again */
-    if (!loop_took_interrupt(L, loop)) break;
-    lua_pop(L, 1);
-  }
-  abandon(L, idx, abort);
+  /* a hook or finalizer run at adopt's call may turn the loop: T is not resumed before it is
+   * the loop's */
+  lua_State *outer_adopting = loop->adopting;
+  loop->adopting = T;
+  lua_pushcfunction(L, adopt);
+  lua_pushvalue(L, idx);
+  lua_pushvalue(L, abort);
+  lua_pushlightuserdata(L, (void *)ctx);
+  int st = call_past_ctrl_c(L, loop, 3);
+  loop->adopting = outer_adopting;
+  if (st == LUA_OK) return 1;
+  abandon(L, loop, idx, abort, ctx);
   return 0;
 }
 
@@ -378,6 +409,7 @@ static int resume_due(lua_State *L, struct rpc_loop *loop, double now, double *n
     double at = lua_tonumber(L, -1);
     lua_pop(L, 1);
     seen = 1;
+    if (lua_touserdata(L, -1) == loop->adopting) continue;
     if (at <= now && n < RESUME_BATCH) due[n++] = (lua_State *)lua_touserdata(L, -1);
     else if (at < *next) *next = at;
   }

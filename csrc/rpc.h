@@ -319,6 +319,9 @@ int loop_start(lua_State *L, struct rpc_loop *loop, int idx, int nargs, int abor
 /* The context of the request whose handler is running (its thread run by the loop, or
  * anything that thread runs), or NULL. Valid until that thread yields or ends. */
 const struct rpc_context *loop_context(const struct rpc_loop *loop);
+/* The context the running thread was started with, if it is a request thread that has
+ * suspended (a script may resume it: loop_context is then another's), or NULL. */
+const struct rpc_context *loop_thread_context(lua_State *L);
 void loop_disown(lua_State *L);  /* the running thread, at its end, if it ever suspended */
 int loop_can_suspend(lua_State *L);
 int loop_suspend(lua_State *L, double due, lua_KContext ctx, lua_KFunction k);  /* yields */

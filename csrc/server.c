@@ -622,7 +622,9 @@ static int keep_protected(lua_State *L) {
 static void keep_for_next(lua_State *L, struct rpc_server *s, int idx, int t) {
   lua_State *T = lua_tothread(L, t);
   lua_Debug ar;
-  if (!s->open || lua_status(T) != LUA_OK || lua_gettop(T) != 0 || lua_getstack(T, 0, &ar)) return;
+  const struct request *r = lua_touserdata(L, t + 1);
+  if (!s->open || r->suspended || lua_status(T) != LUA_OK || lua_gettop(T) != 0 || lua_getstack(T, 0, &ar))
+    return;
   int kept = lua_getiuservalue(L, idx, UV_IDLE) != LUA_TNIL;
   lua_pop(L, 1);
   if (kept) return;
@@ -1286,10 +1288,10 @@ static int closed(lua_State *L) {
 }
 
 /* Called from one of s's own handlers (or what it runs): before its first wait (busy), or
- * after (the loop runs a request of s's). */
-static int in_own_handler(const struct rpc_server *s) {
-  const struct rpc_context *ctx = loop_context(s->loop);
-  return s->busy || (ctx && ctx->owner == s);
+ * after (the loop runs a request of s's, or a script resumed one's thread). */
+static int in_own_handler(lua_State *L, const struct rpc_server *s) {
+  const struct rpc_context *ctx = loop_context(s->loop), *own = loop_thread_context(L);
+  return s->busy || (ctx && ctx->owner == s) || (own && own->owner == s);
 }
 
 /* After a signal: no new request (the consumer is cancelled; what arrives meanwhile goes back
@@ -1327,7 +1329,7 @@ static int run_loop(lua_State *L) {
 static int run_server(lua_State *L, int idx) {
   struct rpc_server *s = check_server(L, idx);
   if (!s->open) return closed(L);
-  luaL_argcheck(L, !in_own_handler(s), idx, "server:run() called from its own handler");
+  luaL_argcheck(L, !in_own_handler(L, s), idx, "server:run() called from its own handler");
   s->stopping = 0;
   if (s->cancelled && s->conn.amqp && consume(s) == 0) s->cancelled = 0;  /* after a drain */
   lua_pushcfunction(L, run_loop);
@@ -1355,7 +1357,7 @@ static int server_poll(lua_State *L) {
   luaL_argcheck(L, timeout >= 0 && timeout <= RPC_MAX_TIMEOUT, 2,
                 "timeout must be a number of seconds from 0 to 1e6");
   if (!s->open) return closed(L);
-  luaL_argcheck(L, !in_own_handler(s), 1, "server:poll() called from its own handler");
+  luaL_argcheck(L, !in_own_handler(L, s), 1, "server:poll() called from its own handler");
   if (s->cancelled && s->conn.amqp && consume(s) == 0) s->cancelled = 0;  /* after a drain */
   lua_Integer before = s->stats.requests;
   double deadline = rpc_now() + timeout;

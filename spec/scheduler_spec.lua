@@ -329,4 +329,59 @@ describe("the scheduler", function()
     assert.equal(1, server:stats().reconnects, table.concat(lines, "\n"))
     assert.equal(6, server:stats().requests)
   end)
+
+  it("a handler thread is not resumed before the loop has recorded its first suspension, even by a hook that turns the loop right then", function()
+    local T = H.scope(finally)
+    local queue = H.queue("adopt-window")
+    local armed = false
+    local server = T:server(queue, function(body)
+      if body == "one" then
+        armed = true          -- the next call on the main thread records this thread's suspension
+        rpc.sleep(0.0005)
+      else
+        rpc.sleep(0.2)
+      end
+      return "done:" .. body
+    end, {prefetch = 2})
+    local client = T:client(queue, {timeout = 5})
+    local one, two = client:send("one"), client:send("two")
+    -- a call hook turning the loop there, as a finalizer run by a collection step may
+    T:defer(function() debug.sethook() end)
+    debug.sethook(function()
+      if armed then armed = false; rpc.sleep(0.01) end
+    end, "c")
+    server:poll(1)
+    debug.sethook()
+    assert.equal("done:one", client:wait(one, 2))
+    assert.equal("done:two", client:wait(two, 2))
+    server:poll(0.3)
+    local stats = server:stats()
+    assert.equal(2, stats.replies)
+    assert.equal(0, stats.errors, tostring(stats.last_error))
+    assert.equal(0, stats.in_progress)
+  end)
+
+  it("a handler thread a script resumes is still its server's: server:poll() from it is refused", function()
+    local T = H.scope(finally)
+    local queue = H.queue("script-resume")
+    local kept, refused, remaining
+    local server
+    server = T:server(queue, function()
+      kept = coroutine.running()
+      coroutine.yield()   -- a bare yield: whoever resumes it first, it runs on
+      local ok, err = pcall(server.poll, server, 0)
+      refused, remaining = not ok and tostring(err), rpc.remaining()
+      return "done"
+    end, {prefetch = 5})
+    local client = T:client(queue, {timeout = 5})
+    local id = client:send("x")
+    assert.equal(1, server:poll(5))   -- the request started, its thread yielded: poll returns
+    assert.is_thread(kept)
+    assert.is_nil(refused, "the loop resumed the thread before the script could")
+    assert.is_true(coroutine.resume(kept))   -- by the script, not the loop
+    assert.is_string(refused, "server:poll() from its own handler's thread was allowed")
+    assert.matches("called from its own handler", refused, 1, true)
+    assert.equal("done", client:wait(id, 2))
+    assert.equal(0, server:stats().in_progress)
+  end)
 end)
