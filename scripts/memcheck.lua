@@ -123,9 +123,11 @@ do  -- deadlines, traces, retries, latency figures, expired and poisoned request
   assert(traced:stats().latency.count >= 50 and outer:stats().handler_time.count >= 50)
   local retrying <close> = assert(rpc.client(q .. "-nobody", {retries = 3, confirm = true}))
   assert(select(3, retrying:call("x", 0.5, {headers = {k = "v"}})) == "no_route")
-  -- a blocking handler lets the next request expire in the prefetch window
+  -- a blocking handler lets the next request expire in the prefetch window (past its deadline
+  -- by more than the 0.5 s of clock skew a server allows: else it may run, and its reply beat
+  -- the wait that expects the timeout)
   local blocking = assert(rpc.server(q .. "-block", function(body)
-    if body == "block" then local t = os.clock() + 0.3 repeat until os.clock() > t end
+    if body == "block" then local t = os.clock() + 0.7 repeat until os.clock() > t end
     return body
   end, {auto_delete = true, prefetch = 5}))
   local c <close> = assert(rpc.client(q .. "-block"))
@@ -133,6 +135,7 @@ do  -- deadlines, traces, retries, latency figures, expired and poisoned request
   local b = assert(c:send("expire", {timeout = 0.05}))
   assert(c:wait(a) == "block" and select(3, c:wait(b)) == "timeout")
   assert(rpc.sleep(0.1))
+  assert(blocking:stats().expired == 1)
   blocking:close()
   -- a redelivery (its server closed mid-request) copied with a count, then poisoned at once
   local pq = q .. "-poison"
