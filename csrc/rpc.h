@@ -55,9 +55,9 @@ struct rpc_context {
   char trace_id[33];            /* 32 lowercase hex digits */
   char span_id[17];             /* the server's span for this request (new), 16 hex digits */
   char flags[3];                /* trace-flags, 2 hex digits */
-  size_t tracestate_len;
-  char tracestate[RPC_TRACESTATE_MAX];
   const void *owner;            /* whose request it is (its server), for that owner's checks */
+  size_t tracestate_len;
+  char tracestate[RPC_TRACESTATE_MAX];  /* last: a copy takes only its used part */
 };
 
 /* ---- errors (core.c) ---- */
