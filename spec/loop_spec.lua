@@ -96,14 +96,20 @@ describe("the wait loop", function()
     end
     -- incremental, a new cycle at once, 10x the work per step, from a full collection: whole
     -- cycles within the wait's 2 MB of kept replies. (lua5.4 starts generational, whose minor
-    -- collections stop after a "bad" major one: earlier specs may have left it so.)
-    local mode = collectgarbage("incremental", 0, 1000, 10)
+    -- collections stop after a "bad" major one: earlier specs may have left it so.) A pause of
+    -- 1 %, not 0: 0 leaves the pause as it was (200 %), and with a live heap over the wait's
+    -- allocations (what the specs before this one left) no cycle would start during the wait.
+    -- Stopped while the garbage is made: at that pace a cycle would finalize it before the wait.
+    local mode = collectgarbage("incremental", 1, 1000, 10)
     T:defer(function()  -- back to what it was, with Lua's default parameters
       if mode == "generational" then collectgarbage(mode, 20, 100) else collectgarbage(mode, 200, 100, 13) end
+      collectgarbage("restart")
     end)
     collectgarbage()
+    collectgarbage("stop")
     for _ = 1, 100 do setmetatable({}, {__gc = on_gc}) end  -- garbage: the first finalized closes
     waiting = true
+    collectgarbage("restart")
     local reply, message, kind = client:wait(ids[100], 5)  -- keeps the 99 others' replies first
     waiting = false
     assert.is_true(closed_during_wait, ("the finalizer did not run during the wait: %s (GC running: %s, reply %s, %s)")
