@@ -324,9 +324,12 @@ static const char *remote_kind(const amqp_basic_properties_t *p) {
   return "remote";
 }
 
+static void forget_unwaited(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call);
+
 /* Settles the call the message in hand answers. If it is target, pushes the result straight
  * from the frame (the one copy of the body) and returns its count; a reply for another
- * pending call is kept for its wait; any other is discarded and counted. */
+ * pending call is kept for its wait, unless nobody waits and its deadline has passed; any other
+ * is discarded and counted. */
 static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event ev,
                   const unsigned char *target) {
   const struct rpc_message *m = &c->conn.msg;
@@ -335,6 +338,11 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
   if (!correlation_of(m->props, id) || !(call = pending_find(&c->pending, id)) ||
       call->state != CALL_WAITING) {
     c->stats.discarded++;  /* late, duplicated, foreign or missing id */
+    return 0;
+  }
+  if (!call->waited && call->deadline < rpc_now()) {  /* the next sweep's: not kept meanwhile, */
+    forget_unwaited(L, c, idx, call);                 /* however long another wait reads */
+    c->stats.discarded++;
     return 0;
   }
   char text[512];
@@ -462,18 +470,23 @@ static void forget_call(lua_State *L, struct rpc_client *c, int idx, struct rpc_
   remove_call(c, call);
 }
 
+/* A send nobody waited for, past its deadline: forgotten, its id among the last swept so that
+ * a late wait on it says timeout (no memory for that ring: the late wait raises). */
+static void forget_unwaited(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
+  if (!c->swept) c->swept = calloc(SWEPT_KEPT, sizeof *c->swept);
+  if (c->swept) memcpy(c->swept[c->swept_next++ % SWEPT_KEPT], call->id, 16);
+  forget_call(L, c, idx, call);
+}
+
 /* Sends nobody waited for are dropped once their deadline has passed: their slots and kept
  * replies would otherwise stay forever. Runs no Lua code. Sweeping when the table has doubled
  * since the last sweep keeps it O(1) per call. */
 static void forget_expired(lua_State *L, struct rpc_client *c, int idx) {
   double now = rpc_now();
-  if (!c->swept) c->swept = calloc(SWEPT_KEPT, sizeof *c->swept);  /* none: late waits raise */
   for (size_t i = 0; i < c->pending.cap; i++) {
     struct rpc_call *call = &c->pending.slots[i];
-    while (call->used && !call->waited && call->deadline < now) {  /* a removal may shift one in */
-      if (c->swept) memcpy(c->swept[c->swept_next++ % SWEPT_KEPT], call->id, 16);
-      forget_call(L, c, idx, call);
-    }
+    while (call->used && !call->waited && call->deadline < now)  /* a removal may shift one in */
+      forget_unwaited(L, c, idx, call);
   }
   c->sweep_at = c->pending.count * 2 > SWEEP_MIN ? c->pending.count * 2 : SWEEP_MIN;
 }

@@ -13,6 +13,15 @@ server:run()
 server:close()
 ]]
 
+-- replies after sleeping as many seconds as the body says, requests handled side by side
+local CHILD_SLOW_SERVER = [[
+local server = assert(rpc.server(QUEUE, function(body) rpc.sleep(tonumber(body)) return body end,
+                                 {url = URL, prefetch = 10}))
+ready()
+server:run()
+server:close()
+]]
+
 describe("limits", function()
   teardown(H.cleanup)
 
@@ -114,6 +123,22 @@ describe("limits", function()
     assert.is_true(stats.discarded > discarded_before,
       ("no reply was discarded (discarded %d, then %d; replies %d)")
         :format(discarded_before, stats.discarded, stats.replies))
+  end)
+
+  it("a reply that comes after its unwaited send's timeout is discarded at once, while another wait reads", function()
+    local T = H.scope(finally)
+    local queue = H.queue("latereply")
+    T:spawn {code = CHILD_SLOW_SERVER, queue = queue}:wait_ready()
+    local client = T:client(queue)
+    local late = assert(client:send("0.2", {timeout = 0.05}))  -- its reply comes 0.15 s too late
+    local discarded = client:stats().discarded
+    -- a wait on another call reads that reply meanwhile; no publish sweeps until then
+    assert.equal("0.5", client:call("0.5", 5))
+    assert.equal(discarded + 1, client:stats().discarded)
+    local reply, message, kind = client:wait(late)
+    assert.is_nil(reply)
+    assert.equal("timeout", kind, message)
+    assert.matches("forgotten", message, 1, true)
   end)
 
   it("a wait that comes after its send was forgotten returns nil, message, 'timeout'", function()
