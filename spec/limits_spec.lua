@@ -116,8 +116,10 @@ describe("limits", function()
     -- what stays is bounded by the calls within their timeout, twice over between sweeps
     -- (about 2 x send rate x 0.2 s x 1 KB replies, plus the allocator's slack: tens of MB at
     -- 60,000 sends/s), and it stops growing once that is reached; kept forever, the replies of
-    -- 900,000 sends were hundreds of MB
-    assert.is_true(growth < 131072 and late < 16384,
+    -- 900,000 sends were hundreds of MB, 450 MB over the last 450,000. Over those the allocator
+    -- may still take one more step of its own (32 MB at once, seen in full runs after RSS had
+    -- been flat since send 400,000): the late bound allows one.
+    assert.is_true(growth < 131072 and late < 40960,
       ("RSS grew by %d kB over 900,000 sends nobody waited for, %d kB over the last 450,000 (%.1f s)")
       :format(growth, late, elapsed))
     assert.is_true(stats.discarded > discarded_before,
