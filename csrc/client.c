@@ -340,11 +340,6 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
     c->stats.discarded++;  /* late, duplicated, foreign or missing id */
     return 0;
   }
-  if (!call->waited && call->deadline < rpc_now()) {  /* the next sweep's: not kept meanwhile, */
-    forget_unwaited(L, c, idx, call);                 /* however long another wait reads */
-    c->stats.discarded++;
-    return 0;
-  }
   char text[512];
   size_t len = 0;
   const char *data, *kind = NULL;
@@ -378,6 +373,11 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
     c->stats.replies++;
     /* timed as it arrives, not when a wait takes it: a late wait() is not the round trip's */
     histogram_record(&c->latency, rpc_now() - call->published);
+  }
+  if (!call->waited && call->deadline < rpc_now()) {  /* counted as any reply, then the next */
+    forget_unwaited(L, c, idx, call);                 /* sweep's: not kept meanwhile, however */
+    c->stats.discarded++;                             /* long another wait reads */
+    return 0;
   }
   const amqp_basic_properties_t *props = state == CALL_REPLIED && call->want_props ? m->props : NULL;
   if (memcmp(id, target, 16) == 0) {
