@@ -278,6 +278,27 @@ static void remove_call(struct rpc_client *c, struct rpc_call *call) {
   pending_remove(&c->pending, call);
 }
 
+/* Forgets a call that nobody will take: its kept outcome, if any, is discarded and counted. */
+static void forget_call(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
+  if (call->ref != LUA_NOREF) {
+    c->kept--;
+    lua_getiuservalue(L, idx, UV_OUTCOMES);
+    luaL_unref(L, -1, call->ref);
+    luaL_unref(L, -1, call->props_ref);
+    lua_pop(L, 1);
+    c->stats.discarded++;
+  }
+  remove_call(c, call);
+}
+
+/* A send nobody waited for, past its deadline: forgotten, its id among the last swept so that
+ * a late wait on it says timeout (no memory for that ring: the late wait raises). */
+static void forget_unwaited(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
+  if (!c->swept) c->swept = calloc(SWEPT_KEPT, sizeof *c->swept);
+  if (c->swept) memcpy(c->swept[c->swept_next++ % SWEPT_KEPT], call->id, 16);
+  forget_call(L, c, idx, call);
+}
+
 /* Pushes a settled call's result (reply [, properties], or nil, message, kind) and forgets the
  * call. */
 static int take(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
@@ -324,8 +345,6 @@ static const char *remote_kind(const amqp_basic_properties_t *p) {
   return "remote";
 }
 
-static void forget_unwaited(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call);
-
 /* Settles the call the message in hand answers. If it is target, pushes the result straight
  * from the frame (the one copy of the body) and returns its count; a reply for another
  * pending call is kept for its wait, unless nobody waits and its deadline has passed; any other
@@ -340,6 +359,7 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
     c->stats.discarded++;  /* late, duplicated, foreign or missing id */
     return 0;
   }
+  double now = rpc_now();
   char text[512];
   size_t len = 0;
   const char *data, *kind = NULL;
@@ -372,16 +392,16 @@ static int settle(lua_State *L, struct rpc_client *c, int idx, enum conn_event e
     len = m->size;
     c->stats.replies++;
     /* timed as it arrives, not when a wait takes it: a late wait() is not the round trip's */
-    histogram_record(&c->latency, rpc_now() - call->published);
+    histogram_record(&c->latency, now - call->published);
   }
-  if (!call->waited && call->deadline < rpc_now()) {  /* counted as any reply, then the next */
+  if (!call->waited && call->deadline < now) {  /* counted as any reply, then the next */
     forget_unwaited(L, c, idx, call);                 /* sweep's: not kept meanwhile, however */
     c->stats.discarded++;                             /* long another wait reads */
     return 0;
   }
   const amqp_basic_properties_t *props = state == CALL_REPLIED && call->want_props ? m->props : NULL;
   if (memcmp(id, target, 16) == 0) {
-    c->took_at = rpc_now();
+    c->took_at = now;
     if (retryable) memcpy(c->retryable_id, id, 16);
     remove_call(c, call);
     if (!props) return push_result(L, state, kind, data, len);
@@ -455,27 +475,6 @@ static void unqueue_expired(struct rpc_client *c) {
     struct rpc_call *call = &c->pending.slots[i];
     if (call->used && call->queued_len && call->deadline <= now) unqueue(c, call);
   }
-}
-
-/* Forgets a call that nobody will take: its kept outcome, if any, is discarded and counted. */
-static void forget_call(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
-  if (call->ref != LUA_NOREF) {
-    c->kept--;
-    lua_getiuservalue(L, idx, UV_OUTCOMES);
-    luaL_unref(L, -1, call->ref);
-    luaL_unref(L, -1, call->props_ref);
-    lua_pop(L, 1);
-    c->stats.discarded++;
-  }
-  remove_call(c, call);
-}
-
-/* A send nobody waited for, past its deadline: forgotten, its id among the last swept so that
- * a late wait on it says timeout (no memory for that ring: the late wait raises). */
-static void forget_unwaited(lua_State *L, struct rpc_client *c, int idx, struct rpc_call *call) {
-  if (!c->swept) c->swept = calloc(SWEPT_KEPT, sizeof *c->swept);
-  if (c->swept) memcpy(c->swept[c->swept_next++ % SWEPT_KEPT], call->id, 16);
-  forget_call(L, c, idx, call);
 }
 
 /* Sends nobody waited for are dropped once their deadline has passed: their slots and kept
