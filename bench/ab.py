@@ -3,78 +3,68 @@
 
   bench/ab.py [--reps N] [--seconds S] [--inflight K] [--mode M] NAME=SERVER/CLIENT ...
 
-Each variant pairs a server and a client, each one of: c (raw C), c-headers (raw C with
-rabbitrpc's headers), . (rabbitrpc as built in this checkout) or a git revision (rabbitrpc at
-that revision: exported to bench/out/ab/REV and built there once). The variants run in turn,
-in alternating order, REPS times, each on a fresh queue, so drift in the machine or the broker
-falls on all of them alike. Printed per variant: the median rate, the median of its per-repetition
-ratios to the first variant, and the CPU (microseconds per call) of client, server and broker.
-Needs what bench/run.sh needs: the broker up (RPC_URL), bench/out/raw_* built (run.sh builds them).
+Each variant pairs a server and a client, each one of bench.py's raw stacks (c, c-batched,
+c-headers), . (rabbitrpc as built in this checkout) or a git revision (rabbitrpc at that
+revision: exported to bench/out/ab/REV and built there once). The variants run in turn, in
+alternating order, REPS times, each on a fresh queue, so drift in the machine or the broker
+falls on all of them alike. Printed per variant: the median rate, the median of its
+per-repetition ratios to the first variant, and the CPU (microseconds per call) of client,
+server and broker. Needs what bench/run.sh needs: the broker up (RPC_URL), bench/out/raw_*
+built (run.sh builds them).
 
-  bench/ab.py base=HEAD~1/c new=./c                 # a server change, against a raw C client
+  bench/ab.py c=c/c base=HEAD~1/c new=./c           # a server change, against a raw C client
   bench/ab.py --inflight 100 c=c/c lib=./.          # the library at 100 in flight, against raw C
 """
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, 'bench', 'out')
-
-
-def broker_pid():
-    path = os.path.join(ROOT, '.broker', 'rabbitrpc@localhost.pid')
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
+import bench   # its stacks, and how it starts servers, runs clients and finds the broker
 
 
 def tree_of(rev):
     """The checkout that holds rabbitrpc at rev, built."""
     if rev == '.':
-        return ROOT
-    sha = subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', rev], check=True,
+        return bench.ROOT
+    sha = subprocess.run(['git', '-C', bench.ROOT, 'rev-parse', '--short', rev], check=True,
                          capture_output=True, text=True).stdout.strip()
-    tree = os.path.join(OUT, 'ab', sha)
+    tree = os.path.join(bench.OUT, 'ab', sha)
     if not os.path.exists(os.path.join(tree, 'build', 'rpc', 'core.so')):
         os.makedirs(tree, exist_ok=True)
-        archive = subprocess.Popen(['git', '-C', ROOT, 'archive', sha], stdout=subprocess.PIPE)
+        archive = subprocess.Popen(['git', '-C', bench.ROOT, 'archive', sha], stdout=subprocess.PIPE)
         subprocess.run(['tar', '-x', '-C', tree], stdin=archive.stdout, check=True)
         archive.wait()
         subprocess.run(['make', '-s', '-C', tree, 'build/rpc/core.so'], check=True)
     return tree
 
 
-def command(side, role):
-    """argv and extra environment of one side of a variant."""
-    if side in ('c', 'c-headers'):
-        return [os.path.join(OUT, 'raw_' + role)], {'RAW_HEADERS': '1'} if side == 'c-headers' else {}
-    return ['lua5.4', os.path.join(tree_of(side), 'bench', 'lua_' + role + '.lua')], {}
+RAW = ('c', 'c-batched', 'c-headers')
+
+
+def side(name, role):
+    """argv, server arguments after QUEUE PREFETCH, and environment of one side of a variant."""
+    if name in RAW:
+        stack = list(bench.STACKS[name])
+        server, client, args, env = stack + [[], {}][len(stack) - 2:]
+        return (server, args, env) if role == 'server' else (client, [], env)
+    return [bench.LUA, os.path.join(tree_of(name), 'bench', 'lua_' + role + '.lua')], [], {}
 
 
 def measure(server, client, queue, a, broker):
-    env = dict(os.environ)
-    sargv, senv = server
-    srv = subprocess.Popen(sargv + [queue, str(a.inflight)], stdout=subprocess.PIPE, text=True,
-                           env=dict(env, **senv))
+    (sargv, sargs, senv), (cargv, _, cenv) = server, client
+    srv, why = bench.start_server(sargv + [queue, str(a.inflight)] + sargs, dict(bench.child_env(), **senv))
+    if not srv:
+        sys.exit('ab: the server did not start: ' + why)
     try:
-        if srv.stdout.readline().strip() != 'ready':
-            sys.exit('ab: the server did not start: ' + ' '.join(sargv))
-        cargv, cenv = client
-        run = subprocess.run(cargv + [queue, a.mode, str(a.inflight), '0.5s', '%gs' % a.seconds,
-                                      str(srv.pid)] + ([broker] if broker else []),
-                             capture_output=True, text=True, env=dict(env, **cenv))
-        if run.returncode != 0:
-            sys.exit('ab: the client failed: ' + run.stderr.strip())
-        return json.loads(run.stdout.strip().splitlines()[-1])
+        r = bench.run_client(cargv + [queue, a.mode, str(a.inflight), '0.5s', '%gs' % a.seconds, str(srv.pid)]
+                             + ([str(broker)] if broker else []), dict(bench.child_env(), **cenv), a.seconds + 60)
     finally:
-        srv.terminate()
-        srv.wait()
+        bench.stop_server(srv)
+    if 'error' in r:
+        sys.exit('ab: ' + r['error'])
+    return r
 
 
 def main():
@@ -85,15 +75,15 @@ def main():
     p.add_argument('--mode', default='direct', choices=['direct', 'exclusive'])
     p.add_argument('variants', nargs='+', metavar='NAME=SERVER/CLIENT')
     a = p.parse_args()
-    os.environ.setdefault('RPC_URL', 'amqp://guest:guest@localhost:5673/')
     variants = []
     for v in a.variants:
         name, _, pair = v.partition('=')
         server, _, client = pair.partition('/')
         if not (name and server and client):
             p.error('a variant is NAME=SERVER/CLIENT, got ' + v)
-        variants.append((name, command(server, 'server'), command(client, 'client')))
-    broker = broker_pid()
+        variants.append((name, side(server, 'server'), side(client, 'client')))
+    broker, how = bench.find_broker(argparse.Namespace(broker_pid=0))
+    print('broker: %s (%s)' % (broker or '-', how))
     runs = {name: [] for name, _, _ in variants}
     for rep in range(a.reps):
         for name, server, client in variants if rep % 2 == 0 else variants[::-1]:
