@@ -5,7 +5,8 @@
 
 Each variant pairs a server and a client, each one of bench.py's raw stacks (c, c-batched,
 c-headers), . (rabbitrpc as built in this checkout) or a git revision (rabbitrpc at that
-revision: exported to bench/out/ab/REV and built there once). The variants run in turn, in
+revision: exported to bench/out/ab/REV and built there once), each optionally followed by
+:VAR=VALUE[,VAR=VALUE...], environment for that side only. The variants run in turn, in
 alternating order, REPS times, each on a fresh queue, so drift in the machine or the broker
 falls on all of them alike. Printed per variant: the median rate, the median of its
 per-repetition ratios to the first variant, and the CPU (microseconds per call) of client,
@@ -14,6 +15,7 @@ built (run.sh builds them).
 
   bench/ab.py c=c/c base=HEAD~1/c new=./c           # a server change, against a raw C client
   bench/ab.py --inflight 100 c=c/c lib=./.          # the library at 100 in flight, against raw C
+  bench/ab.py ch=c-headers/c-headers d2=c-headers:RAW_DELAY_US=2/c-headers   # raw_server's knobs
 """
 import argparse
 import os
@@ -44,12 +46,16 @@ RAW = ('c', 'c-batched', 'c-headers')
 
 
 def side(name, role):
-    """argv, server arguments after QUEUE PREFETCH, and environment of one side of a variant."""
+    """argv, server arguments after QUEUE PREFETCH, and environment of one side of a variant
+    (NAME[:VAR=VALUE,...])."""
+    name, _, extra = name.partition(':')
+    extra = dict(kv.split('=', 1) for kv in extra.split(',') if kv)
     if name in RAW:
         stack = list(bench.STACKS[name])
         server, client, args, env = stack + [[], {}][len(stack) - 2:]
+        env = dict(env, **extra)
         return (server, args, env) if role == 'server' else (client, [], env)
-    return [bench.LUA, os.path.join(tree_of(name), 'bench', 'lua_' + role + '.lua')], [], {}
+    return [bench.LUA, os.path.join(tree_of(name), 'bench', 'lua_' + role + '.lua')], [], extra
 
 
 def measure(server, client, queue, a, broker):

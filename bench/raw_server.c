@@ -8,7 +8,11 @@
  * or when the unacked deliveries reach half the prefetch, instead of one ack per delivery.
  * Every reply is still published before the ack that covers its request (at-least-once).
  * With env RAW_HEADERS set, each reply carries rabbitrpc's x-rpc-handler-time header (raw.h),
- * the seconds from the delivery read to its reply. */
+ * the seconds from the delivery read to its reply.
+ * Two knobs for experiments on a sequential call's time (bench/README.md), both off by default:
+ * RAW_DELAY_US, microseconds of busy work before each reply (a slower handler path);
+ * RAW_TOUCH_KB, kilobytes of a 64 MB region written after each reply, a new part each time
+ * (work after the reply that reaches memory the server has not touched lately). */
 #include "raw.h"
 
 #include <signal.h>
@@ -37,6 +41,40 @@ static void reply(amqp_connection_state_t conn, const struct message *m) {
                                     {.f64 = clock_seconds(CLOCK_MONOTONIC) - started}});
   check_status(amqp_basic_publish(conn, CHANNEL, amqp_empty_bytes, req->reply_to, 0, 0, &props,
                                   m->body), "publishing a reply");
+}
+
+/* RAW_DELAY_US and RAW_TOUCH_KB (see the top). */
+struct knobs {
+  double delay;
+  size_t touch, at, size;
+  volatile unsigned char *region;
+};
+
+static struct knobs knobs_from_env(void) {
+  struct knobs k = {0};
+  const char *delay = getenv("RAW_DELAY_US"), *touch = getenv("RAW_TOUCH_KB");
+  k.delay = delay ? atof(delay) * 1e-6 : 0;
+  k.touch = touch ? (size_t)atol(touch) * 1024 : 0;
+  if (k.touch) {
+    k.size = (size_t)64 << 20;
+    k.region = malloc(k.size);
+    if (!k.region) die("RAW_TOUCH_KB: out of memory");
+    memset((void *)k.region, 1, k.size);
+  }
+  return k;
+}
+
+static void delay(const struct knobs *k) {
+  if (k->delay <= 0) return;
+  double until = clock_seconds(CLOCK_MONOTONIC) + k->delay;
+  while (clock_seconds(CLOCK_MONOTONIC) < until) {}
+}
+
+static void touch(struct knobs *k) {
+  for (size_t i = 0; i < k->touch; i += 64) {
+    k->region[k->at]++;
+    k->at = (k->at + 64) % k->size;
+  }
 }
 
 /* batched: one basic.ack with multiple = true for every delivery up to tag. */
@@ -74,12 +112,15 @@ int main(int argc, char **argv) {
   fflush(stdout);
 
   struct message m = {0};
+  struct knobs knobs = knobs_from_env();
   long served = 0;
   while (!stop) {
     struct timeval slice = {0, 100000};  /* how soon a signal is noticed when idle */
     int kind = read_message(conn, &slice, &m);
     if (kind == MSG_DELIVER) {
+      delay(&knobs);
       reply(conn, &m);
+      touch(&knobs);
       served++;
       if (!batched) {
         check_status(amqp_basic_ack(conn, CHANNEL, m.delivery_tag, 0), "basic.ack");
@@ -99,6 +140,7 @@ int main(int argc, char **argv) {
   if (batched) ack_up_to(conn, last_tag, &unacked);
   close_connection(conn);
   free(m.buf);
+  free((void *)knobs.region);
   printf("{\"served\":%ld}\n", served);
   return 0;
 }
