@@ -491,7 +491,8 @@ static void forget_expired(lua_State *L, struct rpc_client *c, int idx) {
 }
 
 static int was_swept(const struct rpc_client *c, const unsigned char id[16]) {
-  for (size_t i = 0; c->swept && i < SWEPT_KEPT; i++)
+  size_t used = c->swept_next < SWEPT_KEPT ? c->swept_next : SWEPT_KEPT;  /* not the zeroed rest */
+  for (size_t i = 0; c->swept && i < used; i++)
     if (memcmp(c->swept[i], id, 16) == 0) return 1;
   return 0;
 }

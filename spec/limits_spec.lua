@@ -159,6 +159,21 @@ describe("limits", function()
     assert.is_true(client:stats().discarded >= 1)
   end)
 
+  it("a wait on an id this client never sent raises, once sends have been forgotten too", function()
+    local T = H.scope(finally)
+    local queue = H.queue("neversent")
+    T:spawn {code = CHILD_SLOW_SERVER, queue = queue}:wait_ready()
+    local client = T:client(queue)
+    assert(client:send("0.2", {timeout = 0.05}))  -- forgotten when its late reply comes
+    assert.equal("0.5", client:call("0.5", 5))
+    assert.equal(1, client:stats().discarded)
+    for _, id in ipairs {"00000000-0000-0000-0000-000000000000", "4a9b0c1d-2e3f-4a5b-8c6d-7e8f9a0b1c2d"} do
+      local ok, err = pcall(function() return client:wait(id) end)
+      assert.is_false(ok, id)
+      assert.matches("bad argument #1 to 'wait' (unknown id", err, 1, true)
+    end
+  end)
+
   it("a short call timeout does not make the shared connection fragile", function()
     local strace = H.run("sh -c 'command -v strace'"):match("[^\n]+")
     assert(strace, "strace is not installed (scripts/deps.sh should install it)")
