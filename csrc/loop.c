@@ -364,7 +364,6 @@ int loop_start(lua_State *L, struct rpc_loop *loop, int idx, int nargs, int abor
                const struct rpc_context *ctx) {
   idx = lua_absindex(L, idx);
   abort = lua_absindex(L, abort);
-  lua_checkstack(L, 12);  /* what adopt or abandon push: no stack to grow once T has run */
   lua_State *T = lua_tothread(L, idx);
   int nres = 0;
   const struct rpc_context *outer = loop->current;

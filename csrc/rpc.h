@@ -313,7 +313,10 @@ void loop_remove(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w);
  * no memory to record it (it is then reset, never to run again), the function at abort is
  * called with the error and the thread. ctx, if not NULL, is its request's context while it
  * runs (it must live as long as the thread runs). Returns 1 if it suspended: the loop owns it,
- * and keeps it alive, until it calls loop_disown. */
+ * and keeps it alive, until it calls loop_disown. The caller has made LOOP_START_ROOM slots
+ * free on L (luaL_checkstack, before it commits to anything): once T has run, a stack that
+ * cannot grow could not be reported. */
+#define LOOP_START_ROOM 12
 int loop_start(lua_State *L, struct rpc_loop *loop, int idx, int nargs, int abort,
                const struct rpc_context *ctx);
 /* The context of the request whose handler is running (its thread run by the loop, or

@@ -666,6 +666,7 @@ static void start_handler(lua_State *L, struct rpc_server *s, int idx) {
     return;
   }
   int nargs = lua_gettop(L) - (top + 4);  /* request, msgh, handler and the handler's arguments */
+  luaL_checkstack(L, LOOP_START_ROOM, "starting a handler");  /* raises as the pushes above may */
   s->in_hand.reply_due = s->in_hand.ack_due = 0;  /* the thread's now */
   s->in_progress++;
   lua_xmove(L, T, nargs + 1);
