@@ -304,6 +304,7 @@ struct rpc_loop *loop_get(lua_State *L);
 /* Watches w, the userdata at idx: kept alive until loop_remove, unless weak. */
 void loop_add(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w, int idx, int weak);
 void loop_remove(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w);
+#define LOOP_START_ROOM 12  /* free slots on L that loop_start needs (see it) */
 /* The scheduler. A request's handler runs in its own thread T, which the server starts
  * (loop_start); a wait in it (loop_can_suspend) suspends T until loop_wake or its due time,
  * with lua_yieldk and continuation k, and the loop resumes it. A wait anywhere else turns the
@@ -316,7 +317,6 @@ void loop_remove(lua_State *L, struct rpc_loop *loop, struct rpc_watch *w);
  * and keeps it alive, until it calls loop_disown. The caller has made LOOP_START_ROOM slots
  * free on L (luaL_checkstack, before it commits to anything): once T has run, a stack that
  * cannot grow could not be reported. */
-#define LOOP_START_ROOM 12
 int loop_start(lua_State *L, struct rpc_loop *loop, int idx, int nargs, int abort,
                const struct rpc_context *ctx);
 /* The context of the request whose handler is running (its thread run by the loop, or
