@@ -87,6 +87,9 @@ def main():
         server, _, client = pair.partition('/')
         if not (name and server and client):
             p.error('a variant is NAME=SERVER/CLIENT, got ' + v)
+        for sd in (server, client):
+            if any('=' not in kv for kv in sd.partition(':')[2].split(',') if kv):
+                p.error('a side\'s environment is :VAR=VALUE[,VAR=VALUE], got ' + sd)
         variants.append((name, side(server, 'server'), side(client, 'client')))
     broker, how = bench.find_broker(argparse.Namespace(broker_pid=0))
     print('broker: %s (%s)' % (broker or '-', how))
